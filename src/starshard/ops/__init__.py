@@ -1,0 +1,1 @@
+"""Attention operations: the float64 reference, the CPU blockwise path, merging partials, kernels."""

@@ -1,0 +1,159 @@
+"""Triton forward kernel for per-head block-sparse attention.
+
+One program computes one query tile (BLOCK_M positions, aligned in position space) of one
+(batch, query head). It walks the tile's entry list from the layout's :class:`TileTable`: each
+step gathers ``BLOCK_N // UNIT`` key units (each ``UNIT`` contiguous keys, anywhere in the
+sequence), so a tile may span several small query blocks (Merge-Q) and several scattered key
+blocks while every ``tl.dot`` stays full size. Entries before ``nfull`` need no mask; the rest
+apply the per-sub-block bits, causality and bounds.
+"""
+import triton
+import triton.language as tl
+
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _row_offsets(rows, stride, INT64: tl.constexpr):
+    # one return: two returns of different types (int64 / int32) fail to compile
+    if INT64:
+        off = rows.to(tl.int64) * stride
+    else:
+        off = rows * stride
+    return off
+
+
+@triton.jit
+def s2_fwd_kernel(
+    Q, K, V, O, LSE,
+    T_UNITS, T_BITS, T_NFULL, T_NTOT,
+    sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
+    slb, slh, sln,
+    CU_Q, CU_K,
+    Nq, Nk, q_start, k_start,
+    H, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, m_first,
+    sm_scale_log2,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    INT64: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // KV_GROUP
+    if VARLEN:
+        q_off = tl.load(CU_Q + b)
+        k_off = tl.load(CU_K + b)
+        nq = tl.load(CU_Q + b + 1) - q_off
+        nk = tl.load(CU_K + b + 1) - k_off
+        qs = nk - nq
+        ks = 0
+        base_q = q_off.to(tl.int64) * sqn
+        base_k = k_off.to(tl.int64) * skn
+        base_v = k_off.to(tl.int64) * svn
+        base_o = q_off.to(tl.int64) * son
+        base_l = q_off.to(tl.int64) * sln
+    else:
+        nq = Nq
+        nk = Nk
+        qs = q_start
+        ks = k_start
+        base_q = b.to(tl.int64) * sqb
+        base_k = b.to(tl.int64) * skb
+        base_v = b.to(tl.int64) * svb
+        base_o = b.to(tl.int64) * sob
+        base_l = b.to(tl.int64) * slb
+    base_q += h.to(tl.int64) * sqh
+    base_o += h.to(tl.int64) * soh
+    base_l += h.to(tl.int64) * slh
+    base_k += hk.to(tl.int64) * skh
+    base_v += hk.to(tl.int64) * svh
+
+    m = m_first + pid_m
+    if (m * BLOCK_M - qs >= nq) | ((m + 1) * BLOCK_M - qs <= 0):
+        return
+    pos_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pos_m - qs
+    row_ok = (rows >= 0) & (rows < nq)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    q = tl.load(Q + base_q + _row_offsets(rows, sqn, INT64)[:, None] + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    p_head = h // TAB_GROUP
+    has_tab = (m >= t0) & (m < t0 + n_tab_tiles)
+    ti = tl.where(has_tab, m - t0, 0)
+    trow = p_head.to(tl.int64) * n_tab_tiles + ti
+    nfull = tl.load(T_NFULL + trow, mask=has_tab, other=0)
+    ntot = tl.load(T_NTOT + trow, mask=has_tab, other=0)
+    toff = trow * tab_len
+
+    G: tl.constexpr = BLOCK_N // UNIT
+    offs_n = tl.arange(0, BLOCK_N)
+    slot = offs_n // UNIT
+    within = offs_n % UNIT
+    sub_r = tl.arange(0, BLOCK_M) // SUB
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if nfull > 0:
+        for e in range(0, nfull, G):
+            u = tl.load(T_UNITS + toff + e + slot)
+            krow = u * UNIT + within - ks
+            if VARLEN:
+                k_ok = krow < nk
+            else:
+                k_ok = krow >= 0  # always true for full entries
+            kk = tl.load(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
+                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            vv = tl.load(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
+                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
+            if VARLEN:  # keys past this sequence's end: a whole row may be masked here
+                s = tl.where(k_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = m_new
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+            m_i = m_new
+
+    if ntot > nfull:
+        # not software-pipelined: with num_stages > 1 Triton 3.6 gave wrong results here on an H100
+        for e in tl.range(nfull, ntot, G, num_stages=1):
+            u = tl.load(T_UNITS + toff + e + slot)
+            bits = tl.load(T_BITS + toff + e + slot)
+            kpos = u * UNIT + within
+            krow = kpos - ks
+            k_ok = (u >= 0) & (krow >= 0) & (krow < nk)
+            kk = tl.load(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
+                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            vv = tl.load(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
+                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
+            mk = (((bits[None, :] >> sub_r[:, None]) & 1) != 0) & k_ok[None, :]
+            if CAUSAL:
+                mk = mk & (kpos[None, :] <= pos_m[:, None])
+            s = tl.where(mk, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + base_o + _row_offsets(rows, son, INT64)[:, None] + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + base_l + _row_offsets(rows, sln, INT64), lse, mask=row_ok)

@@ -1,0 +1,227 @@
+"""Host side of the Triton kernels: configurations, tables and launches (no autograd here)."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+
+from ..layouts import tile_table
+from .triton_bwd import s2_bwd_dkdv_kernel, s2_bwd_dq_kernel
+from .triton_fwd import s2_fwd_kernel
+
+_OVERRIDE: dict = {}
+
+
+@contextlib.contextmanager
+def kernel_config(**kw):
+    """Force settings for tests: fwd/dq/dkdv=(m, n, warps, stages), fwd_m, fwd_n, bwd_m, bwd_n,
+    num_warps, num_stages, poison, int64 (force int64 offsets)."""
+    old = dict(_OVERRIDE)
+    _OVERRIDE.update(kw)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(old)
+
+
+def _empty(shape, dtype, device):
+    """Output buffer; under ``kernel_config(poison=True)`` filled with NaN so unwritten cells show."""
+    if _OVERRIDE.get("poison"):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _block_d(d):
+    return max(16, triton.next_power_of_2(d))
+
+
+# Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by
+# (kernel, padded head dim, layout block size or None for any). BLOCK_M runs along queries,
+# BLOCK_N along keys. D=128 entries were picked with benchmarks/tune_kernels.py on an H100 (bf16,
+# 32k tokens); the rest are untuned defaults that are correct for every shape.
+_TUNED = {
+    ("fwd", 64, None): (128, 64, 4, 3),
+    ("fwd", 128, None): (128, 128, 8, 3),
+    ("fwd", 128, 16): (64, 64, 4, 3),
+    ("fwd", 128, 32): (64, 64, 4, 3),
+    ("fwd", 256, None): (64, 32, 8, 2),
+    ("dq", 64, None): (64, 64, 4, 2),
+    ("dq", 128, None): (128, 64, 8, 2),
+    ("dq", 256, None): (32, 32, 8, 1),
+    ("dkdv", 64, None): (64, 64, 4, 2),
+    ("dkdv", 128, None): (64, 64, 4, 3),
+    ("dkdv", 128, 64): (32, 64, 4, 2),
+    ("dkdv", 256, None): (32, 32, 8, 1),
+}
+
+
+def _config(kernel, bs, d, dtype):
+    bd = min(256, max(64, _block_d(d)))
+    m, n, w, st = _TUNED.get((kernel, bd, bs)) or _TUNED[(kernel, bd, None)]
+    if dtype == torch.float32:
+        m, n, st = min(m, 64 if kernel == "fwd" else 32), min(n, 32), 1 if kernel != "fwd" else 2
+    if kernel in _OVERRIDE:
+        m, n, w, st = _OVERRIDE[kernel]
+    prefix = "fwd" if kernel == "fwd" else "bwd"
+    m = _OVERRIDE.get(prefix + "_m", m)
+    n = _OVERRIDE.get(prefix + "_n", n)
+    return m, n, _OVERRIDE.get("num_warps", w), _OVERRIDE.get("num_stages", st)
+
+
+def fwd_config(bs, d, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel."""
+    return _config("fwd", bs, d, dtype)
+
+
+def _dot_precision(dtype):
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _needs_int64(*tensors):
+    if _OVERRIDE.get("int64"):
+        return True
+    return any(t.numel() >= 2**31 - 1 or
+               sum(abs(s) * (n - 1) for s, n in zip(t.stride(), t.shape)) >= 2**31 - 1
+               for t in tensors)
+
+
+def _geometry(q, k, q_start, k_start, varlen, max_q, max_k):
+    """Position ranges (q_range, k_range) of the tables and the first query tile."""
+    if varlen:
+        return (0, max_k), (0, max_k)
+    nq, nk = q.shape[1], k.shape[1]
+    return (max(q_start, 0), max(q_start + nq, 0)), (k_start, k_start + nk)
+
+
+def _strides4(t, varlen):
+    """(batch, token, head, dim) strides; varlen tensors have no batch stride."""
+    if varlen:
+        return (0,) + tuple(t.stride())
+    return tuple(t.stride())
+
+
+def _tables(layout, transpose, tile, unit_cap, group_axis, q_range, k_range, causal, varlen, device):
+    bs = layout.block_size
+    unit = min(bs, unit_cap)
+    return tile_table(layout, transpose=transpose, tile=tile, unit=unit, group=group_axis // unit,
+                      q_range=q_range, k_range=k_range, causal=causal, exact_bounds=not varlen,
+                      device=device)
+
+
+def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, cu_k=None,
+            max_q=0, max_k=0):
+    """Run the forward kernel. Returns (out, lse); out has q's shape (contiguous), lse fp32."""
+    varlen = cu_q is not None
+    d = q.shape[-1]
+    hq, hkv = q.shape[-2], k.shape[-2]
+    bm, bn, warps, stages = fwd_config(layout.block_size, d, q.dtype)
+    q_range, k_range = _geometry(q, k, q_start, k_start, varlen, max_q, max_k)
+    tab = _tables(layout, False, bm, bn, bn, q_range, k_range, causal, varlen, q.device)
+    out = _empty(q.shape, q.dtype, q.device)
+    if varlen:
+        batch = cu_q.numel() - 1
+        lse = _empty((hq, q.shape[0]), torch.float32, q.device)
+        sl = (0, lse.stride(0), lse.stride(1))
+        m_first = -((max_q + bm - 1) // bm)
+        n_m = -(-max_k // bm) - m_first
+        nq = nk = qs = ks = 0
+    else:
+        batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+        lse = _empty((batch, hq, nq), torch.float32, q.device)
+        sl = tuple(lse.stride())
+        qs, ks = q_start, k_start
+        m_first = qs // bm
+        n_m = -(-(qs + nq) // bm) - m_first
+        cu_q = cu_k = out  # unused placeholders
+    if n_m <= 0 or batch == 0 or q.numel() == 0 or k.numel() == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    grid = (n_m, batch * hq)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        s2_fwd_kernel[grid](
+            q, k, v, out, lse, tab.units, tab.bits, tab.nfull, tab.ntot,
+            *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
+            *sl, cu_q, cu_k, nq, nk, qs, ks,
+            hq, hq // hkv, hq // layout.num_pattern_heads if layout.num_heads else hq,
+            tab.t0, tab.num_tiles, tab.units.shape[-1], m_first,
+            sm_scale * 1.4426950408889634,
+            HEAD_D=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, UNIT=tab.unit, SUB=tab.sub,
+            CAUSAL=causal, VARLEN=varlen, INT64=_needs_int64(q, k, v),
+            DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def backward(do, dlse, q, k, v, out, lse, layout, causal, sm_scale, q_start, k_start, *,
+             cu_q=None, cu_k=None, max_q=0, max_k=0):
+    """Gradients (dq, dk, dv) of the sparse attention, with ``dlse`` (or None) flowing into lse."""
+    varlen = cu_q is not None
+    d = q.shape[-1]
+    hq, hkv = q.shape[-2], k.shape[-2]
+    bm, bn, warps, stages = _config("dq", layout.block_size, d, q.dtype)
+    km, kn, kwarps, kstages = _config("dkdv", layout.block_size, d, q.dtype)
+    q_range, k_range = _geometry(q, k, q_start, k_start, varlen, max_q, max_k)
+    tab_q = _tables(layout, False, bm, bn, bn, q_range, k_range, causal, varlen, q.device)
+    tab_k = _tables(layout, True, kn, km, km, q_range, k_range, causal, varlen, q.device)
+    # delta = rowsum(dO * O) - dlse, laid out like lse
+    delta = (do.float() * out.float()).sum(-1)
+    delta = delta.transpose(-1, -2) if not varlen else delta.transpose(0, 1)
+    if dlse is not None:
+        delta = delta - dlse
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    if varlen:
+        batch = cu_q.numel() - 1
+        sl = (0, lse.stride(0), lse.stride(1))
+        m_first = -((max_q + bm - 1) // bm)
+        n_m = (max_k + bm - 1) // bm - m_first
+        n_first = 0
+        n_n = (max_k + kn - 1) // kn
+        nq = nk = qs = ks = 0
+    else:
+        batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+        sl = tuple(lse.stride())
+        qs, ks = q_start, k_start
+        m_first = qs // bm
+        n_m = -(-(qs + nq) // bm) - m_first
+        n_first = ks // kn
+        n_n = -(-(ks + nk) // kn) - n_first
+        cu_q = cu_k = q
+    if batch == 0 or q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    int64 = _needs_int64(q, k, v, do)
+    tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
+    common = dict(HEAD_D=d, BLOCK_D=_block_d(d), CAUSAL=causal, VARLEN=varlen, INT64=int64,
+                  DOT_PREC=_dot_precision(q.dtype))
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        if n_m > 0:
+            s2_bwd_dq_kernel[(n_m, batch * hq)](
+                q, k, v, do, lse, delta, dq, tab_q.units, tab_q.bits, tab_q.nfull, tab_q.ntot,
+                *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
+                *_strides4(do, varlen), *_strides4(dq, varlen), *sl, cu_q, cu_k, nq, nk, qs, ks,
+                hq, hq // hkv, tab_group, tab_q.t0, tab_q.num_tiles, tab_q.units.shape[-1], m_first,
+                sm_scale, sm_scale * 1.4426950408889634, UNIT=tab_q.unit, SUB=tab_q.sub,
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+        else:
+            dq.zero_()
+        if n_n > 0:
+            s2_bwd_dkdv_kernel[(n_n, batch * hkv)](
+                q, k, v, do, lse, delta, dk, dv, tab_k.units, tab_k.bits, tab_k.nfull, tab_k.ntot,
+                *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
+                *_strides4(do, varlen), *_strides4(dk, varlen), *_strides4(dv, varlen), *sl,
+                cu_q, cu_k, nq, nk, qs, ks,
+                hkv, hq // hkv, tab_group, tab_k.t0, tab_k.num_tiles, tab_k.units.shape[-1], n_first,
+                sm_scale, sm_scale * 1.4426950408889634, UNIT=tab_k.unit, SUB=tab_k.sub,
+                BLOCK_M=km, BLOCK_N=kn, num_warps=kwarps, num_stages=kstages, **common)
+        else:
+            dk.zero_()
+            dv.zero_()
+    return dq, dk, dv

@@ -1,0 +1,146 @@
+"""GPU-only checks of the Triton kernels (run with ``pytest -m gpu`` on a CUDA machine).
+
+bf16 (wrong under the CPU interpreter), the production tile configurations at realistic sizes,
+fp32 as IEEE on the GPU, tensors past 2**31 elements (int64 offsets) and a second device index.
+The truth is the same dense-masked reference, in float32 on the GPU.
+"""
+import pytest
+import torch
+
+import starshard as ss
+from starshard.ops import triton_launch
+from starshard.ops.reference import reference_attention, reference_attention_varlen
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _bound(fast, ref, same, atol):
+    """flash-attn's bound: max|fast - ref| <= 2 max|same-dtype torch - ref| + atol."""
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(fast), finite)
+    err = (fast.float() - ref)[finite].abs().max().item()
+    base = (same.float() - ref)[finite].abs().max().item()
+    assert err <= 2 * base + atol, f"max err {err:.3g} > 2 * {base:.3g} + {atol:.3g}"
+
+
+LAYOUTS = [
+    ("bs16-l8-s4", dict(block_size=16, local_blocks=8, vert_stride=4)),
+    ("bs32-l4-s8", dict(block_size=32, local_blocks=4, vert_stride=8)),
+    ("bs64-l3-s4-dense1", dict(block_size=64, local_blocks=3, vert_stride=4, num_dense_heads=1)),
+    ("bs128-l2-s3-off1", dict(block_size=128, local_blocks=2, vert_stride=3, head_offset=1)),
+]
+
+
+@pytest.mark.parametrize("name,kw", LAYOUTS, ids=[n for n, _ in LAYOUTS])
+@pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (128, torch.bfloat16), (80, torch.bfloat16),
+                                     (192, torch.bfloat16), (128, torch.float16)])
+def test_bf16_fp16_forward_backward(name, kw, d, dtype):
+    torch.manual_seed(d)
+    kw = dict(kw)
+    hq, hkv, nq, nk = 4, 2, 1500, 2100
+    layout = ss.local_stride(hq, kw.pop("block_size"), kw.pop("local_blocks"), kw.pop("vert_stride"), **kw)
+    q = torch.randn(2, nq, hq, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(2, nk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(2, nk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
+    with triton_launch.kernel_config(poison=True):
+        out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True)
+        ref, ref_lse = reference_attention(q, k, v, layout, dtype=torch.float32)
+        same, _ = reference_attention(q, k, v, layout, dtype=dtype)
+        _bound(out, ref, same, 2e-3)
+        torch.testing.assert_close(lse[torch.isfinite(ref_lse)], ref_lse[torch.isfinite(ref_lse)],
+                                   atol=1e-3, rtol=0)
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    refs = torch.autograd.grad(ref, (q, k, v), do.float())
+    sames = torch.autograd.grad(same, (q, k, v), do)
+    for g, r, s in zip(grads, refs, sames):
+        assert not g.isnan().any()
+        _bound(g, r, s, 2e-3 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp32_on_gpu_is_ieee(causal):
+    torch.manual_seed(0)
+    layout = ss.local_stride(4, 64, 3, 4, causal=causal)
+    q, k, v = (torch.randn(1, 1000, 4, 96, device="cuda", requires_grad=True) for _ in range(3))
+    out = ss.sparse_attention(q, k, v, layout, causal=causal)
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), layout, causal=causal)
+    assert (out.double() - ref).abs().max().item() < 1e-5  # TF32 would give ~1e-3
+    do = torch.randn_like(out)
+    g = torch.autograd.grad(out, (q, k, v), do)
+    r = torch.autograd.grad(ref, (q, k, v), do.double())
+    for a, b in zip(g, r):
+        assert (a.double() - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
+
+
+def test_varlen_bf16():
+    torch.manual_seed(1)
+    layout = ss.local_stride(4, 32, 4, 4)
+    lq, lk = [700, 0, 1300, 9, 512], [900, 40, 1300, 5, 512]
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lq), 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(sum(lk), 1, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(sum(lk), 1, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = ss.sparse_attention_varlen(q, k, v, layout, cu_q, cu_k, max(lq), max(lk))
+    ref, _ = reference_attention_varlen(q, k, v, layout, cu_q, cu_k, dtype=torch.float32)
+    same, _ = reference_attention_varlen(q, k, v, layout, cu_q, cu_k, dtype=torch.bfloat16)
+    _bound(out, ref, same, 2e-3)
+    do = torch.randn_like(out)
+    for g, r, s in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do.float()),
+                       torch.autograd.grad(same, (q, k, v), do)):
+        _bound(g, r, s, 2e-3 * r.abs().max().item())
+
+
+def test_long_sequence_bf16_rows_against_reference():
+    """32k tokens: the last query blocks and a middle slice against the dense reference."""
+    torch.manual_seed(2)
+    n, h = 32768, 2
+    layout = ss.local_stride(h, 64, 4, 16)
+    q, k, v = (torch.randn(1, n, h, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = ss.sparse_attention(q, k, v, layout)
+    for lo in (n - 300, 12000):
+        rows = slice(lo, lo + 300)
+        ref, _ = reference_attention(q[:, rows], k, v, layout, q_start=lo, dtype=torch.float32)
+        same, _ = reference_attention(q[:, rows], k, v, layout, q_start=lo, dtype=torch.bfloat16)
+        _bound(out[:, rows], ref, same, 2e-3)
+
+
+def test_int64_offsets_past_2_31_elements():
+    """q/k/v of 2**31+ elements each: the kernels must index with int64."""
+    free = torch.cuda.mem_get_info()[0]
+    n, h, d = (1 << 20) + 64, 16, 128        # 2**31 + 2**17 elements per tensor, bf16: ~4.3 GB
+    if free < 40e9:
+        pytest.skip(f"needs ~40 GB free GPU memory, {free / 1e9:.0f} GB free")
+    assert n * h * d > 2**31
+    layout = ss.local_stride(h, 128, 1, 2048)
+    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = ss.sparse_attention(q, k, v, layout)
+    rows = slice(n - 60, n)  # all inside the last key block
+    # the last rows, by a dense reference over only the key blocks some head may read
+    bs = 128
+    qb = torch.full((1,), (n - 1) // bs, device="cuda")
+    heads = layout.pattern_index(torch.arange(h, device="cuda"))
+    nb = (n + bs - 1) // bs
+    read = layout.allowed(heads, qb, torch.arange(nb, device="cuda"))[:, 0].any(0).nonzero().flatten()
+    idx = torch.cat([torch.arange(j * bs, min((j + 1) * bs, n), device="cuda") for j in read.tolist()])
+    kk, vv = k[:, idx], v[:, idx]
+    qq = q[:, rows].float()
+    s = torch.einsum("bqhd,bkhd->bhqk", qq, kk.float()) * d ** -0.5
+    allow = layout.allowed(heads, qb, idx // bs)[:, 0]                                   # [H, K]
+    causal = idx[None, :] <= torch.arange(n - 60, n, device="cuda")[:, None]          # [Q, K]
+    mask = allow[:, None, :] & causal[None]
+    s = s.masked_fill(~mask[None], float("-inf"))
+    ref = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vv.float())
+    assert (out[:, rows].float() - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device_index():
+    layout = ss.local_stride(2, 32, 2, 4)
+    q, k, v = (torch.randn(1, 500, 2, 64, device="cuda:1", dtype=torch.bfloat16) for _ in range(3))
+    out = ss.sparse_attention(q, k, v, layout)
+    assert out.device == torch.device("cuda:1")
+    ref, _ = reference_attention(q, k, v, layout, dtype=torch.float32)
+    assert (out.float() - ref).abs().max().item() < 2e-2

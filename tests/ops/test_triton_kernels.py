@@ -1,0 +1,219 @@
+"""Triton kernels (forward, dq, dk/dv) against the float64 reference.
+
+On a CPU machine these run under ``TRITON_INTERPRET=1`` (set in tests/conftest.py), in fp16 and
+fp32 only (the interpreter's bf16 is wrong). The cases form a pairwise-covering set over block
+size, tile configuration (Merge-Q / gathered key units), causality, GQA, head dim, lengths and
+offsets, dtype, layout kind and input strides; each stays small (interpreter: ~4 ms a step).
+"""
+import math
+
+import pytest
+import torch
+
+import starshard as ss
+from starshard.ops import triton_launch
+from starshard.ops.reference import reference_attention, reference_attention_varlen
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layout(kind, hq, hkv, bs, causal):
+    if kind == "hetero":
+        return ss.local_stride(hq, bs, 2, 3, causal=causal, head_offset=1)
+    if kind == "homo_dense":
+        return ss.local_stride(hq, bs, 1, 2, causal=causal, homo_head=True, num_dense_heads=1)
+    if kind == "gqa_shared":
+        return ss.local_stride(hq, bs, 1, 2, causal=causal, num_kv_heads=hkv)
+    if kind == "strided_only":  # local_blocks=0: some query rows see no key at all
+        return ss.local_stride(hq, bs, 0, 3, causal=causal)
+    if kind == "random":
+        g = torch.Generator().manual_seed(bs + hq)
+        return ss.BlockLayout.from_mask(torch.rand(hq, 24, 24, generator=g) < 0.4, bs)
+    raise ValueError(kind)
+
+
+def _inputs(b, nq, nk, hq, hkv, d, dtype, transposed, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n, h):
+        if transposed:  # a [B, H, N, D] buffer seen as [B, N, H, D]
+            return torch.randn(b, h, n, d, generator=g).to(DEV, dtype).transpose(1, 2)
+        return torch.randn(b, n, h, d, generator=g).to(DEV, dtype)
+    return make(nq, hq), make(nk, hkv), make(nk, hkv)
+
+
+def _bound(fast, ref, same):
+    """DESIGN's bound, as flash-attn's tests: max|fast - ref| <= 2 max|same-dtype torch - ref| + atol."""
+    atol = 2e-5 if fast.dtype == torch.float32 else 2e-3
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(fast), finite), "finite/infinite pattern differs"
+    if not finite.any():
+        return
+    err = (fast.double() - ref)[finite].abs().max().item()
+    base = (same.double() - ref)[finite].abs().max().item()
+    assert err <= 2 * base + atol, f"max err {err:.3g} > 2 * {base:.3g} + {atol:.3g}"
+
+
+# (bs, cfg, causal, hq, hkv, d, nq, nk, q_start, k_start, dtype, kind, transposed)
+# cfg: None = the production tile sizes; a dict forces other tiles (Merge-Q / gathered units).
+CASES = [
+    (16, None, True, 4, 2, 32, 200, 200, None, 0, torch.float32, "hetero", False),
+    (16, dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=64), False, 2, 1, 40, 150, 170, 10, 0, torch.float16, "random", True),
+    (32, None, False, 4, 4, 64, 180, 180, None, 0, torch.float16, "homo_dense", False),
+    (32, dict(fwd_m=32, fwd_n=64, bwd_m=64, bwd_n=32), True, 4, 1, 80, 100, 230, None, 0, torch.float32, "gqa_shared", True),
+    (64, None, True, 2, 2, 24, 97, 300, None, 0, torch.float16, "strided_only", False),
+    (64, dict(fwd_m=32, fwd_n=32, bwd_m=32, bwd_n=32), False, 2, 2, 64, 130, 130, None, 0, torch.float32, "hetero", False),
+    (128, None, True, 2, 1, 64, 260, 260, None, 0, torch.float32, "random", False),
+    (128, dict(fwd_m=64, fwd_n=64, bwd_m=64, bwd_n=64), True, 4, 2, 32, 70, 200, 140, 50, torch.float16, "hetero", True),
+    (16, dict(fwd_m=128, fwd_n=128, bwd_m=128, bwd_n=64), True, 2, 2, 16, 140, 140, None, 0, torch.float16, "gqa_shared", False),
+    (32, None, True, 6, 3, 48, 120, 90, None, 20, torch.float32, "strided_only", False),
+    (64, None, True, 4, 2, 80, 64, 64, None, 0, torch.float16, "random", False),
+    (32, dict(int64=True), True, 2, 1, 32, 110, 150, None, 0, torch.float32, "hetero", True),
+]
+
+
+def _ids(case):
+    bs, cfg, causal, hq, hkv, d, nq, nk, qs, ks, dt, kind, tr = case
+    return f"bs{bs}-{'cfg' if cfg else 'def'}-{'c' if causal else 'nc'}-h{hq}x{hkv}-d{d}-{nq}x{nk}-{str(dt)[6:]}-{kind}{'-T' if tr else ''}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_forward_backward_against_reference(case):
+    bs, cfg, causal, hq, hkv, d, nq, nk, qs, ks, dtype, kind, transposed = case
+    layout = _layout(kind, hq, hkv, bs, causal)
+    q, k, v = _inputs(2, nq, nk, hq, hkv, d, dtype, transposed, seed=bs * 7 + d)
+    q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
+    kw = dict(causal=causal, q_start=qs, k_start=ks)
+    with triton_launch.kernel_config(poison=True, **(cfg or {})):
+        out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True, backend="triton", **kw)
+        ref_out, ref_lse = reference_attention(q, k, v, layout, **kw)
+        same_out, same_lse = reference_attention(q, k, v, layout, dtype=dtype, **kw)
+        _bound(out, ref_out, same_out)
+        _bound(lse, ref_lse, same_lse.double())
+        # gradients of q, k, v, with a gradient flowing into lse too
+        g = torch.Generator().manual_seed(1)
+        w_out = torch.randn(out.shape, generator=g).to(DEV)
+        w_lse = torch.randn(lse.shape, generator=g).to(DEV)
+
+        def loss(o, l):
+            l = torch.where(torch.isfinite(l), l, torch.zeros_like(l))
+            return (o.double() * w_out).sum() + (l.double() * w_lse).sum()
+
+        grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+        refs = torch.autograd.grad(loss(ref_out, ref_lse), (q, k, v))
+        sames = torch.autograd.grad(loss(same_out, same_lse), (q, k, v))
+    for name, fast, ref, same in zip("qkv", grads, refs, sames):
+        assert not torch.isnan(fast).any(), f"NaN in d{name}"
+        scale = ref.abs().max().item() + 1e-6
+        _bound(fast / scale, ref / scale, same / scale)
+
+
+def test_empty_rows_give_zero_and_minus_inf():
+    layout = ss.local_stride(2, 16, 0, 4)  # strided blocks only: many queries see nothing
+    q, k, v = _inputs(1, 90, 90, 2, 2, 32, torch.float32, False, seed=3)
+    with triton_launch.kernel_config(poison=True):
+        out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True, backend="triton")
+    ref_out, ref_lse = reference_attention(q, k, v, layout)
+    empty = torch.isinf(ref_lse)
+    assert empty.any() and (~empty).any()
+    assert torch.equal(torch.isinf(lse), empty) and (lse[empty] < 0).all()
+    assert torch.equal(out.transpose(1, 2)[empty], torch.zeros_like(out.transpose(1, 2)[empty]))
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_forward_backward(causal):
+    hq, hkv, d, bs = 4, 2, 32, 16
+    layout = ss.local_stride(hq, bs, 2, 3, causal=causal)
+    lq, lk = [40, 0, 70, 5, 33], [60, 10, 70, 3, 33]   # empty, q longer than k, ragged
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(sum(lq), hq, d, generator=g).to(DEV).requires_grad_()
+    k = torch.randn(sum(lk), hkv, d, generator=g).to(DEV).requires_grad_()
+    v = torch.randn(sum(lk), hkv, d, generator=g).to(DEV).requires_grad_()
+    with triton_launch.kernel_config(poison=True):
+        out, lse = ss.sparse_attention_varlen(q, k, v, layout, cu_q, cu_k, max(lq), max(lk),
+                                              causal=causal, return_lse=True, backend="triton")
+    ref_out, ref_lse = reference_attention_varlen(q, k, v, layout, cu_q, cu_k, causal=causal)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=2e-5, rtol=0)
+    w = torch.randn(out.shape, generator=g).to(DEV)
+    wl = torch.randn(lse.shape, generator=g).to(DEV)
+
+    def loss(o, l):
+        return (o.double() * w).sum() + (torch.where(torch.isfinite(l), l, 0).double() * wl).sum()
+
+    with triton_launch.kernel_config(poison=True):
+        grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+    refs = torch.autograd.grad(loss(ref_out, ref_lse), (q, k, v))
+    for name, a, b in zip("qkv", grads, refs):
+        err = (a.double() - b).abs()
+        assert err.max() <= 5e-5 + 1e-4 * b.abs().max(), (name, err.max().item(), err.amax(dim=(1, 2)).nonzero().flatten().tolist()[:20])
+
+
+def test_fp32_is_ieee_unless_tf32_requested():
+    assert triton_launch._dot_precision(torch.float32) in ("ieee", "tf32")
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert triton_launch._dot_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert triton_launch._dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_torch_compile_fullgraph_traces_the_op():
+    layout = ss.local_stride(2, 16, 1, 2)
+    q, k, v = _inputs(1, 48, 48, 2, 1, 16, torch.float32, False, seed=9)
+    q.requires_grad_(True)
+
+    def f(q, k, v):
+        out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True, backend="triton")
+        return out.sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k, v)
+    want = f(q, k, v)
+    torch.testing.assert_close(got, want)
+    (g1,) = torch.autograd.grad(got, q)
+    (g2,) = torch.autograd.grad(want, q)
+    torch.testing.assert_close(g1, g2)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from starshard.ops.torch_blockwise import blockwise_attention  # noqa: E402
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(bs=st.sampled_from([16, 32, 64, 128]), hkv=st.integers(1, 2), group=st.integers(1, 3),
+       nq=st.integers(1, 160), extra_k=st.integers(0, 100), local=st.integers(0, 3),
+       stride=st.integers(1, 5), causal=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_triton_matches_torch_blockwise(bs, hkv, group, nq, extra_k, local, stride, causal, seed):
+    hq = hkv * group
+    nk = nq + extra_k
+    layout = ss.local_stride(hq, bs, local, stride, causal=causal)
+    q, k, v = _inputs(1, nq, nk, hq, hkv, 32, torch.float32, False, seed)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    with triton_launch.kernel_config(poison=True):
+        out, lse = ss.sparse_attention(q, k, v, layout, causal=causal, return_lse=True, backend="triton")
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+        g_fast = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref, ref_lse = blockwise_attention(q, k, v, layout, causal=causal)
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin], ref_lse.float()[fin], atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
