@@ -1,0 +1,184 @@
+"""The attention function registered with transformers, and the per-call state it reads.
+
+The engine runs the model with ``use_cache=False`` and sets a :class:`Step` describing what the
+current forward does; the registered function (``attn_implementation="starshard_star"``) gets
+each layer's rotated query/key/value for the current tokens only and
+
+- ``causal``: plain causal attention over the current tokens (dense prefill, the anchor, block 0);
+- ``encode``: a context block behind its anchor: the anchor's stored KV is fully visible, the
+  block is causal over itself (Star phase 1);
+- ``ring``: exact causal attention over the whole context, KV passed around the hosts' ring;
+- ``query``: every context cache (all earlier tokens) plus, on the query host, the query's own
+  KV; partials (out, lse) from all hosts are gathered and merged exactly (Star phase 2).
+
+Each mode stores the current KV where the step says. Attention inside a host is starshard's op
+with a dense layout, which returns the log-sum-exp the merge needs.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ..layouts import local_stride
+from ..ops.merge import merge_attention
+from ..ops.sparse_attn import sparse_attention
+
+__all__ = ["Step", "use_step", "star_attention", "register", "IMPLEMENTATION"]
+
+IMPLEMENTATION = "starshard_star"
+_local = threading.local()
+_DENSE = {}
+
+
+@dataclass
+class Step:
+    """What the current forward pass does (see the module docstring)."""
+    mode: str                                  # causal | encode | ring | query
+    start: int = 0                             # global position of the first current token
+    save: object = None                        # PositionedKV receiving the current KV, or None
+    prefix: object = None                      # encode: the anchor's PositionedKV
+    caches: list = field(default_factory=list)  # query: context caches (all before the queries)
+    own: object = None                         # query: the query host's query-token cache
+    comm: object = None                        # query / ring: Comm
+    pieces: tuple = ()                         # ring: (start, n) of the current tokens' pieces
+    ring_pieces: tuple = ()                    # ring: per rank, its pieces
+
+
+class use_step:
+    """Context manager: run the model under ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __enter__(self):
+        self.prev = getattr(_local, "step", None)
+        _local.step = self.step
+        return self.step
+
+    def __exit__(self, *exc):
+        _local.step = self.prev
+
+
+def _dense_layout(hq):
+    lay = _DENSE.get(hq)
+    if lay is None:
+        lay = _DENSE[hq] = local_stride(hq, 128, 0, 1, causal=False)
+    return lay
+
+
+def _partial(q, k, v, scale, *, causal, q_start, k_start):
+    return sparse_attention(q, k, v, _dense_layout(q.shape[2]), causal=causal, sm_scale=scale,
+                            return_lse=True, q_start=q_start, k_start=k_start)
+
+
+def _empty_partial(q):
+    b, n, h, _ = q.shape
+    return torch.zeros_like(q), torch.full((b, h, n), float("-inf"), dtype=torch.float32,
+                                           device=q.device)
+
+
+def _merge(parts, q):
+    if not parts:
+        return _empty_partial(q)
+    if len(parts) == 1:
+        return parts[0]
+    return merge_attention([p[0] for p in parts], [p[1] for p in parts])
+
+
+def _over_segments(q, kv, layer, scale, q_start, parts):
+    for start, k, v in kv.segments(layer):
+        parts.append(_partial(q, k, v, scale, causal=False, q_start=q_start, k_start=start))
+
+
+def star_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kw):
+    """transformers attention interface: returns (out [B, N, H, D], None)."""
+    step = getattr(_local, "step", None)
+    if step is None:
+        raise RuntimeError("the starshard_star attention runs only inside a starshard.star engine step")
+    layer = module.layer_idx
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    p0 = step.start
+    if step.mode == "causal":
+        out, _ = _partial(q, k, v, scale, causal=True, q_start=p0, k_start=p0)
+    elif step.mode == "encode":
+        parts = [_partial(q, k, v, scale, causal=True, q_start=p0, k_start=p0)]
+        _over_segments(q, step.prefix, layer, scale, p0, parts)
+        out, _ = _merge(parts, q)
+    elif step.mode == "ring":
+        out = _ring(step, q, k, v, scale)
+    elif step.mode == "query":
+        parts = []
+        for cache in step.caches:
+            _over_segments(q, cache, layer, scale, p0, parts)
+        if step.own is not None:
+            _over_segments(q, step.own, layer, scale, p0, parts)
+            parts.append(_partial(q, k, v, scale, causal=True, q_start=p0, k_start=p0))
+        o, lse = _merge(parts, q)
+        if step.comm is not None and step.comm.distributed:
+            outs = step.comm.all_gather(o)
+            lses = step.comm.all_gather(lse)
+            o, lse = merge_attention(outs, lses)
+        out = o
+    else:
+        raise ValueError(f"unknown step mode {step.mode!r}")
+    if step.save is not None:
+        _save(step, layer, k, v)
+    return out, None
+
+
+def _save(step, layer, k, v):
+    if step.mode == "ring":
+        i = 0
+        for start, n in step.pieces:
+            step.save.append(layer, start, k[:, i:i + n], v[:, i:i + n])
+            i += n
+    else:
+        step.save.append(layer, step.start, k, v)
+
+
+def _ring(step, q, k, v, scale):
+    """Exact causal attention of this host's pieces over every host's pieces, passing KV round."""
+    comm = step.comm
+    world, rank = comm.world, comm.rank
+    qs, i = [], 0
+    for start, n in step.pieces:
+        qs.append((start, q[:, i:i + n]))
+        i += n
+    parts = [[] for _ in qs]
+    kk, vv = k, v
+    for s in range(world):
+        src = (rank - s) % world
+        j = 0
+        for kstart, n in step.ring_pieces[src]:
+            ks, vs = kk[:, j:j + n], vv[:, j:j + n]
+            j += n
+            for idx, (qstart, qq) in enumerate(qs):
+                if kstart > qstart + qq.shape[1] - 1:
+                    continue  # every key after every query
+                parts[idx].append(_partial(qq, ks, vs, scale, causal=True, q_start=qstart, k_start=kstart))
+        if s + 1 < world:
+            nxt_src = (rank - s - 1) % world
+            n_in = sum(n for _, n in step.ring_pieces[nxt_src])
+            like = kk.new_empty((kk.shape[0], n_in) + tuple(kk.shape[2:]))
+            kk, vv = comm.ring_exchange(kk, like), comm.ring_exchange(vv, like)
+    outs = [_merge(p, qq)[0] for p, (_, qq) in zip(parts, qs)]
+    return torch.cat(outs, 1)
+
+
+_registered = False
+
+
+def register():
+    """Register ``starshard_star`` with transformers' attention and mask interfaces (idempotent)."""
+    global _registered
+    if _registered:
+        return IMPLEMENTATION
+    from transformers import AttentionInterface, AttentionMaskInterface
+    AttentionInterface.register(IMPLEMENTATION, star_attention)
+    # the engine applies causality itself from global positions: no N x N mask is ever built
+    AttentionMaskInterface.register(IMPLEMENTATION, lambda *a, **k: None)
+    _registered = True
+    return IMPLEMENTATION
