@@ -271,3 +271,34 @@ def test_sampling_identical_on_every_rank():
     results = run_local(host_generate, 2, (_spec("star", block_size=80, temperature=1.0, top_p=0.95,
                                                  sample_seed=3),), timeout=60)
     assert results[0]["answers"][0][0] == results[1]["answers"][0][0]
+
+
+def test_streamed_anchor_gives_the_same_cache(model):
+    once = StarEngine(model, method="star", block_size=40, anchor_size=25, simulate=3)
+    once.encode(CONTEXT)
+    stream = StarEngine(model, method="star", block_size=40, anchor_size=25, simulate=3,
+                        anchor_mode="stream")
+    stream.encode(CONTEXT)
+    a, b = _engine_cache(once), _engine_cache(stream)
+    for layer in a:
+        assert torch.equal(a[layer][0], b[layer][0]) and torch.equal(a[layer][1], b[layer][1])
+
+
+def test_streamed_anchor_on_processes_equals_once(model):
+    spec = _spec("star", block_size=40, anchor_size=25)
+    once = run_local(host_generate, 3, (spec,), timeout=60)
+    stream = run_local(host_generate, 3, (dict(spec, anchor_mode="stream"),), timeout=60)
+    for a, b in zip(once, stream):
+        for (ta, la, _), (tb, lb, _) in zip(a["answers"], b["answers"]):
+            assert ta == tb and _exact(lb, la)
+
+
+def test_streamed_anchor_with_an_idle_host(model):
+    sim = StarEngine(model, method="star", block_size=80, simulate=2)
+    sim.encode(CONTEXT)
+    want = sim.generate(QUERIES[0], 3, return_logits=True)
+    res = run_local(host_generate, 3, (dict(_spec("star", block_size=80, anchor_mode="stream"),
+                                            queries=[QUERIES[0].tolist()]),), timeout=60)
+    assert res[2]["positions"] == []  # the third host had no block
+    for r in res:
+        assert r["answers"][0][0] == want.tokens and _exact(r["answers"][0][1], want.logits[0])

@@ -44,6 +44,8 @@ class Step:
     comm: object = None                        # query / ring: Comm
     pieces: tuple = ()                         # ring: (start, n) of the current tokens' pieces
     ring_pieces: tuple = ()                    # ring: per rank, its pieces
+    send_anchor: int = 0                       # causal on rank 0: broadcast the first n tokens' KV
+    recv_anchor: int = 0                       # encode: receive n anchor tokens' KV into prefix
 
 
 class use_step:
@@ -101,6 +103,8 @@ def star_attention(module, query, key, value, attention_mask=None, scaling=None,
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     p0 = step.start
+    if step.recv_anchor:
+        receive_anchor(step.comm, step.prefix, layer, step.recv_anchor, k)
     if step.mode == "causal":
         out, _ = _partial(q, k, v, scale, causal=True, q_start=p0, k_start=p0)
     elif step.mode == "encode":
@@ -126,7 +130,19 @@ def star_attention(module, query, key, value, attention_mask=None, scaling=None,
         raise ValueError(f"unknown step mode {step.mode!r}")
     if step.save is not None:
         _save(step, layer, k, v)
+    if step.send_anchor:
+        n = step.send_anchor
+        step.comm.broadcast(k[:, :n].contiguous(), 0)
+        step.comm.broadcast(v[:, :n].contiguous(), 0)
     return out, None
+
+
+def receive_anchor(comm, prefix, layer, n, like):
+    """Take rank 0's anchor KV for ``layer`` (its layer-by-layer broadcast) into ``prefix``."""
+    shape = (like.shape[0], n) + tuple(like.shape[2:])
+    kb = comm.broadcast(like.new_empty(shape), 0)
+    vb = comm.broadcast(like.new_empty(shape), 0)
+    prefix.append(layer, 0, kb, vb)
 
 
 def _save(step, layer, k, v):

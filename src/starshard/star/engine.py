@@ -21,6 +21,9 @@ from .partition import default_block_size, plan_blocks, plan_zigzag
 __all__ = ["StarEngine", "GenerationResult", "check_model"]
 
 METHODS = ("star", "ring", "dense")
+# "once": each host without block 0 encodes the anchor itself, once for all its blocks;
+# "stream": rank 0 broadcasts the anchor's KV layer by layer while it encodes block 0.
+ANCHOR_MODES = ("once", "stream")
 
 
 @dataclass
@@ -64,9 +67,12 @@ class StarEngine:
     """
 
     def __init__(self, model, *, method="star", block_size=None, anchor_size=None, comm=None,
-                 simulate=None):
+                 simulate=None, anchor_mode="once"):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if anchor_mode not in ANCHOR_MODES:
+            raise ValueError(f"anchor_mode must be one of {ANCHOR_MODES}, got {anchor_mode!r}")
+        self.anchor_mode = anchor_mode
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                        or block_size < 1):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -150,14 +156,39 @@ class StarEngine:
     def _encode_blocks(self, ids, rank, anchor):
         cache = self.caches[rank]
         prefix = None
-        for piece in self.plan.pieces[rank]:
+        stream = (self.anchor_mode == "stream" and self.method == "star" and self.comm.distributed
+                  and anchor > 0)
+        pieces = self.plan.pieces[rank]
+        for piece in pieces:
             if piece.start == 0:
-                self._run(A.Step("causal", start=0, save=cache), ids[:piece.end], self._arange(0, piece.end))
+                self._run(A.Step("causal", start=0, save=cache, comm=self.comm,
+                                 send_anchor=anchor if stream else 0),
+                          ids[:piece.end], self._arange(0, piece.end))
                 continue
+            recv = 0
             if prefix is None:
-                prefix = self._anchor(ids, rank, anchor)
-            self._run(A.Step("encode", start=piece.start, save=cache, prefix=prefix),
+                if stream and rank != 0:
+                    prefix, recv = PositionedKV(), anchor
+                elif self.anchor_mode == "stream" and self.simulated and rank > 0 and anchor > 0:
+                    prefix = self._simulated_stream[0]
+                else:
+                    prefix = self._anchor(ids, rank, anchor)
+            self._run(A.Step("encode", start=piece.start, save=cache, prefix=prefix, comm=self.comm,
+                             recv_anchor=recv),
                       ids[piece.start:piece.end], self._arange(piece.start, piece.end))
+        if stream and not pieces:  # an idle host still takes part in every layer's broadcast
+            like = self._kv_like()
+            for layer in range(_num_layers(self.model)):
+                A.receive_anchor(self.comm, PositionedKV(), layer, anchor, like)
+        if self.simulated and rank == 0 and self.anchor_mode == "stream" and anchor > 0:
+            self._simulated_stream = [self._anchor(ids, rank, anchor)]
+
+    def _kv_like(self):
+        cfg = getattr(self.model.config, "get_text_config", lambda: self.model.config)()
+        hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dt = next(self.model.parameters()).dtype
+        return torch.empty((1, 0, hkv, d), dtype=dt, device=self.device)
 
     def _anchor(self, ids, rank, anchor):
         """The anchor's KV, computed once per host (sliced from block 0 where this host has it)."""

@@ -33,7 +33,8 @@ def host_generate(rank, world, spec):
     from .engine import StarEngine
     model = tiny_llama(spec.get("seed", 0), **spec.get("model_kwargs", {}))
     eng = StarEngine(model, method=spec["method"], block_size=spec.get("block_size"),
-                     anchor_size=spec.get("anchor_size"), comm=Comm())
+                     anchor_size=spec.get("anchor_size"), comm=Comm(),
+                     anchor_mode=spec.get("anchor_mode", "once"))
     if spec.get("fail_rank") == rank and spec.get("fail_at") == "encode":
         raise SystemExit(3)
     eng.encode(torch.tensor(spec["context"]))
