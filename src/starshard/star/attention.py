@@ -70,9 +70,31 @@ def _dense_layout(hq):
     return lay
 
 
+# Below this many scores per call, a CPU partial is one plain softmax: the blockwise op's
+# per-call overhead would dominate a decode step. Above it, the op bounds the memory.
+_DIRECT_SCORES = 1 << 24
+
+
 def _partial(q, k, v, scale, *, causal, q_start, k_start):
+    """(out [B, Nq, H, D], lse [B, H, Nq] fp32) of q over k/v at the given positions."""
+    if q.device.type == "cpu" and q.shape[1] * k.shape[1] * q.shape[2] <= _DIRECT_SCORES:
+        return _direct_partial(q, k, v, scale, causal, q_start, k_start)
     return sparse_attention(q, k, v, _dense_layout(q.shape[2]), causal=causal, sm_scale=scale,
                             return_lse=True, q_start=q_start, k_start=k_start)
+
+
+def _direct_partial(q, k, v, scale, causal, q_start, k_start):
+    b, nq, h, d = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    qf = q.float().reshape(b, nq, hkv, h // hkv, d)
+    s = torch.einsum("bqkgd,bskd->bkgqs", qf, k.float()) * scale
+    if causal:
+        later = (torch.arange(nk) + k_start)[None, :] > (torch.arange(nq) + q_start)[:, None]
+        s = s.masked_fill(later, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    out = torch.einsum("bkgqs,bskd->bqkgd", p, v.float()).reshape(b, nq, h, v.shape[-1])
+    return out.to(q.dtype), lse.reshape(b, h, nq)
 
 
 def _empty_partial(q):

@@ -114,6 +114,11 @@ class StarEngine:
             self.model.base_model(input_ids=ids, position_ids=pos, use_cache=False)
             return None
 
+    def _now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _ranks(self):
         return range(self.hosts) if self.simulated else [self.comm.rank]
 
@@ -148,9 +153,9 @@ class StarEngine:
             self._encode_ring_simulated(ids)
         else:
             for r in self._ranks():
-                t0 = time.perf_counter()
+                t0 = self._now()
                 self._encode_blocks(ids, r, min(anchor, self.plan.pieces[0][0].size))
-                self.timings["phase1_s"][r] = time.perf_counter() - t0
+                self.timings["phase1_s"][r] = self._now() - t0
         return self.plan
 
     def _encode_blocks(self, ids, rank, anchor):
@@ -207,7 +212,7 @@ class StarEngine:
     def _encode_ring(self, ids):
         rank = self.comm.rank
         mine = self.plan.pieces[rank]
-        t0 = time.perf_counter()
+        t0 = self._now()
         if mine:
             tok = torch.cat([ids[p.start:p.end] for p in mine])
             pos = torch.cat([self._arange(p.start, p.end) for p in mine])
@@ -217,19 +222,19 @@ class StarEngine:
                       pieces=tuple((p.start, p.size) for p in mine),
                       ring_pieces=tuple(tuple((p.start, p.size) for p in ps) for ps in self.plan.pieces))
         self._run(step, tok, pos)
-        self.timings["phase1_s"][rank] = time.perf_counter() - t0
+        self.timings["phase1_s"][rank] = self._now() - t0
 
     def _encode_ring_simulated(self, ids):
         # one process: exact causal attention over the whole context, KV then split per host
         whole = PositionedKV()
-        t0 = time.perf_counter()
+        t0 = self._now()
         self._run(A.Step("causal", start=0, save=whole), ids, self._arange(0, ids.numel()))
         for r in self._ranks():
             for layer in range(_num_layers(self.model)):
                 _, k, v = whole.segments(layer)[0]
                 for p in self.plan.pieces[r]:
                     self.caches[r].append(layer, p.start, k[:, p.start:p.end], v[:, p.start:p.end])
-        self.timings["phase1_s"] = {r: (time.perf_counter() - t0) / self.hosts for r in self._ranks()}
+        self.timings["phase1_s"] = {r: (self._now() - t0) / self.hosts for r in self._ranks()}
 
     # ---- phase 2 ------------------------------------------------------------------------------
     def generate(self, query_ids, max_new_tokens=32, *, temperature=0.0, top_p=1.0, seed=None,
@@ -263,7 +268,7 @@ class StarEngine:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         pos = self.context_len
         tokens, stopped, kept = [], "length", []
-        t0 = time.perf_counter()
+        t0 = self._now()
         t_first = None
         cur = q
         try:
@@ -285,7 +290,7 @@ class StarEngine:
                 decision = self._broadcast(decision, qh)
                 tok, flag = int(decision[0]), int(decision[1])
                 if t_first is None:
-                    t_first = time.perf_counter() - t0
+                    t_first = self._now() - t0
                 if flag == 1:
                     stopped = "eos"
                     break
@@ -296,9 +301,12 @@ class StarEngine:
                 cur = torch.tensor([tok])
         finally:
             own.clear()
-        elapsed = time.perf_counter() - t0
+        elapsed = self._now() - t0
+        decode_s = elapsed - (t_first or 0.0)
         timings = dict(self.timings, phase2_s=elapsed, first_token_s=t_first,
-                       tokens_per_s=(len(tokens) / elapsed) if elapsed > 0 else None)
+                       tokens_per_s=(len(tokens) / elapsed) if elapsed > 0 else None,
+                       decode_tokens_per_s=((len(tokens) - 1) / decode_s)
+                       if len(tokens) > 1 and decode_s > 0 else None)
         return GenerationResult(tokens, stopped, timings, kept)
 
     def _broadcast(self, t, src):
