@@ -302,3 +302,15 @@ def test_streamed_anchor_with_an_idle_host(model):
     assert res[2]["positions"] == []  # the third host had no block
     for r in res:
         assert r["answers"][0][0] == want.tokens and _exact(r["answers"][0][1], want.logits[0])
+
+
+def test_a_model_whose_attention_bypasses_the_interface_is_refused(monkeypatch):
+    model = tiny_llama(1)
+    from transformers.models.llama import modeling_llama
+
+    def own_attention(self, hidden_states, position_embeddings=None, attention_mask=None, **kw):
+        return torch.zeros_like(hidden_states), None  # never calls the attention interface
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", own_attention)
+    with pytest.raises(ValueError, match="cannot be hooked"):
+        StarEngine(model)

@@ -35,7 +35,7 @@ _DENSE = {}
 @dataclass
 class Step:
     """What the current forward pass does (see the module docstring)."""
-    mode: str                                  # causal | encode | ring | query
+    mode: str                                  # causal | encode | ring | query | probe
     start: int = 0                             # global position of the first current token
     save: object = None                        # PositionedKV receiving the current KV, or None
     prefix: object = None                      # encode: the anchor's PositionedKV
@@ -124,6 +124,9 @@ def star_attention(module, query, key, value, attention_mask=None, scaling=None,
     layer = module.layer_idx
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    if step.mode == "probe":
+        step.save.append(layer)
+        return torch.zeros_like(query.transpose(1, 2)), None
     p0 = step.start
     if step.recv_anchor:
         receive_anchor(step.comm, step.prefix, layer, step.recv_anchor, k)

@@ -94,14 +94,30 @@ class StarEngine:
         if isinstance(self.hosts, bool) or not isinstance(self.hosts, int) or self.hosts < 1:
             raise ValueError(f"simulate must be a positive int, got {simulate!r}")
         A.register()
-        model.set_attn_implementation(A.IMPLEMENTATION)
+        name = type(model).__name__
+        try:
+            model.set_attn_implementation(A.IMPLEMENTATION)
+        except Exception as e:  # noqa: BLE001 - the model refuses custom attention
+            raise ValueError(f"{name}: its attention cannot be hooked through the transformers "
+                             f"attention interface ({e})") from e
         self.device = next(model.parameters()).device
+        self._probe_hook(name)
         self.max_positions = getattr(getattr(model.config, "get_text_config", lambda: model.config)(),
                                      "max_position_embeddings", None)
         self.caches = None
         self.plan = None
         self.context_len = 0
         self.timings = {}
+
+    def _probe_hook(self, name):
+        """One token through the model: every layer's attention must reach our function."""
+        seen = []
+        one = torch.zeros(1, dtype=torch.long)
+        self._run(A.Step("probe", save=seen), one, one)
+        layers = _num_layers(self.model)
+        if sorted(set(seen)) != list(range(layers)):
+            raise ValueError(f"{name}: its attention cannot be hooked: {len(set(seen))} of {layers} "
+                             "layers called the transformers attention interface")
 
     # ---- model calls ------------------------------------------------------------------------
     def _run(self, step, ids, positions, logits=False):
