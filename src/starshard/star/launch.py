@@ -69,11 +69,68 @@ def _worker(rank, world, addr, port, backend, timeout, fn, args, results):
         results.put((rank, "ok", pickle.dumps(out)))
     except BaseException as e:  # noqa: BLE001 - every failure is reported to the parent
         results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"))
+        # put() hands the message to a feeder thread: flush it before _exit, or it is lost
+        results.close()
+        results.join_thread()
         os._exit(1)
     try:
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         pass
+
+
+# errors a rank gets because of another rank: a collective timing out, a peer's socket closing
+_SYMPTOM_WORDS = ("timed out", "timeout", "deadline exceeded", "connection closed", "connection reset",
+                  "broken pipe", "read error", "closed by peer", "socket closed")
+
+
+def _first_line(payload):
+    text = str(payload).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _is_symptom(payload):
+    first = _first_line(payload).lower()
+    return any(w in first for w in _SYMPTOM_WORDS)
+
+
+def _blame(rank, payload, procs, done, results, grace=3.0):
+    """The failure to report, given ``rank``'s error ``payload``.
+
+    A rank whose collective timed out or whose peer hung up is a symptom, not the cause: after
+    such an error the other ranks get ``grace`` seconds to report too, and then the culprit is
+    named: first a rank that raised an error of its own, then a rank that died without a result,
+    then a rank still running without a word (it stopped answering).
+    """
+    if not _is_symptom(payload):
+        return HostFailure(rank, payload)
+    reports = {rank: payload}
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        accounted = all(r in reports or r in done or p.exitcode is not None for r, p in enumerate(procs))
+        if accounted:
+            break
+        try:
+            r, status, pl = results.get(timeout=0.2)
+            if status == "ok":
+                done.setdefault(r, None)
+            else:
+                reports[r] = pl
+        except queue.Empty:
+            pass
+    for r, pl in reports.items():
+        if not _is_symptom(pl):
+            return HostFailure(r, pl)
+    seen = f"host {rank}: {_first_line(payload)}"
+    for r, p in enumerate(procs):
+        if r not in reports and r not in done and p.exitcode is not None:
+            how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with code {p.exitcode}"
+            return HostFailure(r, f"process {how} without a result ({seen})")
+    silent = [r for r, p in enumerate(procs) if r not in reports and r not in done and p.is_alive()]
+    if silent:
+        return HostFailure(silent[0], f"stopped answering: the others timed out or lost it ({seen}); "
+                           f"still silent: ranks {silent}")
+    return HostFailure(rank, payload)
 
 
 def run_local(fn, hosts, args=(), *, timeout=120.0, backend=None, addr="127.0.0.1"):
@@ -100,21 +157,24 @@ def run_local(fn, hosts, args=(), *, timeout=120.0, backend=None, addr="127.0.0.
                 if status == "ok":
                     done[rank] = pickle.loads(payload)
                 else:
-                    failure = HostFailure(rank, payload)
+                    failure = _blame(rank, payload, procs, done, results)
                 continue
             except queue.Empty:
                 pass
             for r, p in enumerate(procs):
-                if r not in done and p.exitcode is not None and p.exitcode != 0:
-                    # give its own report a moment to arrive first
+                if r not in done and p.exitcode is not None:
+                    # it ended without a result we have read: give its report a moment to arrive
+                    # (a rank that succeeded exits 0 right after putting its result)
                     try:
                         rank, status, payload = results.get(timeout=1.0)
                         if status != "ok":
-                            failure = HostFailure(rank, payload)
+                            failure = _blame(rank, payload, procs, done, results)
                             break
                         done[rank] = pickle.loads(payload)
                     except queue.Empty:
-                        failure = HostFailure(r, f"process exited with code {p.exitcode}")
+                        how = (f"killed by signal {-p.exitcode}" if p.exitcode < 0
+                               else f"exited with code {p.exitcode}")
+                        failure = HostFailure(r, f"process {how} without a result")
                         break
             if failure is None and time.monotonic() > deadline:
                 missing = [r for r in range(hosts) if r not in done]
