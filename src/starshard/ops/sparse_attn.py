@@ -125,17 +125,18 @@ def _torch_grads(fn, q, k, v, do, dlse):
     return tuple(torch.zeros_like(t) if g is None else g for g, t in ((dq, q), (dk, k), (dv, v)))
 
 
+# the backward ops serve the Triton backend; the CPU backward runs in the autograd formula
 @torch.library.custom_op("starshard::sparse_attn_bwd", mutates_args=())
 def _sparse_attn_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                      out: Tensor, lse: Tensor, layout_id: int, causal: bool, sm_scale: float,
-                     q_start: int, k_start: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                     q_start: int, k_start: int) -> tuple[Tensor, Tensor, Tensor]:
     from . import triton_launch
     return triton_launch.backward(do.contiguous(), dlse, q, k, v, out, lse,
                                   layout_from_handle(layout_id), causal, sm_scale, q_start, k_start)
 
 
 @_sparse_attn_bwd.register_fake
-def _(do, dlse, q, k, v, out, lse, layout_id, causal, sm_scale, q_start, k_start, backend):
+def _(do, dlse, q, k, v, out, lse, layout_id, causal, sm_scale, q_start, k_start):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -158,7 +159,8 @@ def _backward(ctx, dout, dlse):
             a, b_, c, layout, causal=causal, sm_scale=sm_scale, q_start=q_start, k_start=k_start),
             q, k, v, dout, dlse)
     else:
-        dq, dk, dv = _sparse_attn_bwd(dout, dlse, q, k, v, out, lse, *ctx.args)
+        dq, dk, dv = _sparse_attn_bwd(dout, dlse, q, k, v, out, lse, lid, causal, sm_scale,
+                                      q_start, k_start)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -195,8 +197,8 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, layout_id, causal, sm_scale, backend):
 @torch.library.custom_op("starshard::sparse_attn_varlen_bwd", mutates_args=())
 def _sparse_attn_varlen_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                             out: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
-                            max_k: int, layout_id: int, causal: bool, sm_scale: float,
-                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                            max_k: int, layout_id: int, causal: bool,
+                            sm_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from . import triton_launch
     return triton_launch.backward(do.contiguous(), dlse, q, k, v, out, lse,
                                   layout_from_handle(layout_id), causal, sm_scale, 0, 0,
@@ -204,7 +206,7 @@ def _sparse_attn_varlen_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Te
 
 
 @_sparse_attn_varlen_bwd.register_fake
-def _(do, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, layout_id, causal, sm_scale, backend):
+def _(do, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, layout_id, causal, sm_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -227,7 +229,8 @@ def _backward_varlen(ctx, dout, dlse):
             a, b_, c, layout, cu_q, cu_k, max_q, max_k, causal=causal, sm_scale=sm_scale),
             q, k, v, dout, dlse)
     else:
-        dq, dk, dv = _sparse_attn_varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        dq, dk, dv = _sparse_attn_varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q,
+                                             max_k, lid, causal, sm_scale)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
