@@ -36,36 +36,26 @@ class GenerateError(Exception):
 
 # ---- arguments --------------------------------------------------------------------------------
 
+def _int_at_least(lo, what):
+    """argparse type: an int >= lo (``what`` names it in the error)."""
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
+        return n
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive int")
+_nonneg_int = _int_at_least(0, "an int >= 0")
+_positive_hosts = _int_at_least(1, "a positive int or 'auto'")
+
+
 def _hosts_arg(text):
-    if text == "auto":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int or 'auto', got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int or 'auto', got {n}")
-    return n
-
-
-def _positive_int(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {n}")
-    return n
-
-
-def _nonneg_int(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {n}")
-    return n
+    return text if text == "auto" else _positive_hosts(text)
 
 
 def _positive_float(text):
