@@ -257,14 +257,10 @@ def _run(args):
         if results is None:
             return 0  # not rank 0: rank 0 reports
         mode = "torchrun"
-    elif args.simulate:
+    elif args.simulate or hosts == 1:
         with contextlib.redirect_stdout(sys.stderr):
             results = [host_main(0, 1, spec)]
-        mode = "simulate"
-    elif hosts == 1:
-        with contextlib.redirect_stdout(sys.stderr):
-            results = [host_main(0, 1, spec)]
-        mode = "in-process"
+        mode = "simulate" if args.simulate else "in-process"
     else:
         from .launch import run_local
         results = run_local(host_main, hosts, (spec,), timeout=args.timeout)

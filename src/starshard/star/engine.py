@@ -190,8 +190,8 @@ class StarEngine:
             if prefix is None:
                 if stream and rank != 0:
                     prefix, recv = PositionedKV(), anchor
-                elif self.anchor_mode == "stream" and self.simulated and rank > 0 and anchor > 0:
-                    prefix = self._simulated_stream[0]
+                elif self.anchor_mode == "stream" and self.simulated:
+                    prefix = self._anchor(ids, 0, anchor)  # host 0's, sliced: nothing recomputed
                 else:
                     prefix = self._anchor(ids, rank, anchor)
             self._run(A.Step("encode", start=piece.start, save=cache, prefix=prefix, comm=self.comm,
@@ -201,8 +201,6 @@ class StarEngine:
             like = self._kv_like()
             for layer in range(_num_layers(self.model)):
                 A.receive_anchor(self.comm, PositionedKV(), layer, anchor, like)
-        if self.simulated and rank == 0 and self.anchor_mode == "stream" and anchor > 0:
-            self._simulated_stream = [self._anchor(ids, rank, anchor)]
 
     def _kv_like(self):
         cfg = getattr(self.model.config, "get_text_config", lambda: self.model.config)()

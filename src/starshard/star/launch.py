@@ -94,6 +94,10 @@ def _is_symptom(payload):
     return any(w in first for w in _SYMPTOM_WORDS)
 
 
+def _how_it_ended(exitcode):
+    return f"killed by signal {-exitcode}" if exitcode < 0 else f"exited with code {exitcode}"
+
+
 def _blame(rank, payload, procs, done, results, grace=3.0):
     """The failure to report, given ``rank``'s error ``payload``.
 
@@ -124,8 +128,7 @@ def _blame(rank, payload, procs, done, results, grace=3.0):
     seen = f"host {rank}: {_first_line(payload)}"
     for r, p in enumerate(procs):
         if r not in reports and r not in done and p.exitcode is not None:
-            how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with code {p.exitcode}"
-            return HostFailure(r, f"process {how} without a result ({seen})")
+            return HostFailure(r, f"process {_how_it_ended(p.exitcode)} without a result ({seen})")
     silent = [r for r, p in enumerate(procs) if r not in reports and r not in done and p.is_alive()]
     if silent:
         return HostFailure(silent[0], f"stopped answering: the others timed out or lost it ({seen}); "
@@ -172,9 +175,7 @@ def run_local(fn, hosts, args=(), *, timeout=120.0, backend=None, addr="127.0.0.
                             break
                         done[rank] = pickle.loads(payload)
                     except queue.Empty:
-                        how = (f"killed by signal {-p.exitcode}" if p.exitcode < 0
-                               else f"exited with code {p.exitcode}")
-                        failure = HostFailure(r, f"process {how} without a result")
+                        failure = HostFailure(r, f"process {_how_it_ended(p.exitcode)} without a result")
                         break
             if failure is None and time.monotonic() > deadline:
                 missing = [r for r in range(hosts) if r not in done]
