@@ -1,9 +1,13 @@
 """Time tile configurations of the three Triton kernels (forward, dq, dk/dv) on a GPU.
 
 python benchmarks/tune_kernels.py --out DIR [--n 32768] [--d 128]
+python benchmarks/tune_kernels.py --backward --out DIR      # backward strategies
 Times the forward for each forward config, and the whole backward for each dq config (dk/dv
 fixed) and each dk/dv config (dq fixed), on a few layouts; writes tune.json under --out and
 prints the best per layout. Used to fill the configuration table in ops/triton_launch.py.
+``--backward`` instead times the dk/dv kernel's variants (loop structure, merged key tiles)
+over dk/dv tiles, each checked against the default's gradients. (An earlier run also timed dq by fp32 atomics inside the dk/dv
+kernel: 1.3-2x slower everywhere, so it was dropped; results/tune_bwd_h100_32k.json.)
 """
 import argparse
 import json
@@ -28,6 +32,7 @@ def main():
     ap.add_argument("--n", type=int, default=32768)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--layouts", default="bs128/l8/s16,bs64/l16/s16,bs16/l64/s16,dense")
+    ap.add_argument("--backward", action="store_true", help="time the backward strategies")
     a = ap.parse_args()
     torch.manual_seed(0)
     h, d, n = 32, a.d, a.n
@@ -36,12 +41,11 @@ def main():
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                n=n, d=d, rows=[])
     for name in a.layouts.split(","):
-        if name == "dense":
-            layout = ss.local_stride(h, 128, 1, 1, num_dense_heads=h)
-        else:
-            bs, loc, st = (int(x[2:] if x.startswith("bs") else x[1:]) for x in name.split("/"))
-            layout = ss.local_stride(h, bs, loc, st)
+        layout = _layout(name, h)
         pairs = layout.pairs(n, n)
+        if a.backward:
+            _strategies(res, name, layout, pairs, q, k, v, do, d, a.out)
+            continue
         sc = d ** -0.5
         out, lse = TL.forward(q, k, v, layout, True, sc, 0, 0)
         best = {}
@@ -70,6 +74,46 @@ def main():
         print("BEST", name, best, flush=True)
         with open(os.path.join(a.out, "tune.json"), "w") as f:
             json.dump(res, f, indent=1)
+
+
+def _layout(name, h):
+    if name == "dense":
+        return ss.local_stride(h, 128, 1, 1, num_dense_heads=h)
+    bs, loc, st = (int(x[2:] if x.startswith("bs") else x[1:]) for x in name.split("/"))
+    return ss.local_stride(h, bs, loc, st)
+
+
+# (label, strategy overrides, dk/dv tiles to try; None = the table's)
+STRATEGIES = [
+    ("split", {}, [None, (64, 128, 8, 3)]),
+    ("merge-k", dict(merge_k=True), [None, (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)]),
+    ("split-ms2", dict(dkdv_masked_stages=2), [None]),
+]
+
+
+def _strategies(res, name, layout, pairs, q, k, v, do, d, out_dir):
+    sc = d ** -0.5
+    out, lse = TL.forward(q, k, v, layout, True, sc, 0, 0)
+    base = TL.backward(do, None, q, k, v, out, lse, layout, True, sc, 0, 0)
+    scale = [g.float().abs().max().item() for g in base]
+    for label, over, tiles in STRATEGIES:
+        for tile in tiles:
+            cfg = dict(over, **({"dkdv": tile} if tile else {}))
+            row = dict(layout=name, kernel="bwd", strategy=label, cfg=tile)
+            try:
+                with TL.kernel_config(**cfg):
+                    fn = lambda: TL.backward(do, None, q, k, v, out, lse, layout, True, sc, 0, 0)
+                    grads = fn()
+                    row["max_rel_diff"] = max((g.float() - b.float()).abs().max().item() / s
+                                              for g, b, s in zip(grads, base, scale))
+                    row["ms"] = triton.testing.do_bench(fn, warmup=30, rep=150, return_mode="median")
+                    row["tflops"] = 2.5 * 4 * d * pairs / row["ms"] / 1e9
+            except Exception as e:  # noqa: BLE001 - record and go on
+                row["error"] = str(e).splitlines()[0][:200]
+            res["rows"].append(row)
+            print(row, flush=True)
+            with open(os.path.join(out_dir, "tune_bwd.json"), "w") as f:
+                json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

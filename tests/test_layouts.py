@@ -570,7 +570,17 @@ def check_tile_table(tt, M, bs, *, transpose, tile, unit, group, q_range, k_rang
     full_bits = (1 << nsub) - 1
     assert isinstance(tt, TileTable)
     assert (tt.tile, tt.unit, tt.sub, tt.group) == (tile, unit, sub, group)
-    if t_hi > t_lo:
+    subs = None
+    if tt.subs is not None:  # merged key tiles: every key block in range once per pattern head
+        assert transpose and nsub > 1 and tt.t0 == 0 and tt.subs.dtype == torch.int32
+        subs = tt.subs.tolist()
+        T = len(subs[0])
+        blocks = list(range(t_lo // bs, (t_hi - 1) // bs + 1))
+        for p in range(P):
+            flat = [b for row in subs[p] for b in row]
+            assert sorted(b for b in flat if b >= 0) == blocks
+            assert len(flat) == T * nsub and T == -(-len(blocks) // nsub)
+    elif t_hi > t_lo:
         assert tt.t0 == t_lo // tile
         T = (t_hi - 1) // tile + 1 - tt.t0
     else:
@@ -590,13 +600,18 @@ def check_tile_table(tt, M, bs, *, transpose, tile, unit, group, q_range, k_rang
     for p in range(P):
         for t in range(T):
             tile_start = (tt.t0 + t) * tile
-            tile_end = tile_start + tile - 1
+            starts = [tile_start + r * sub for r in range(nsub)] if subs is None else \
+                [b * bs if b >= 0 else None for b in subs[p][t]]
+            tile_end = max(x for x in starts if x is not None) + sub - 1 if any(
+                x is not None for x in starts) else tile_start + tile - 1
             want, want_full = {}, set()
             for u in unit_ids:
                 us, ue = u * unit, u * unit + unit - 1
                 b = 0
                 for r in range(nsub):
-                    ss_, se = tile_start + r * sub, tile_start + r * sub + sub - 1
+                    if starts[r] is None:
+                        continue
+                    ss_, se = starts[r], starts[r] + sub - 1
                     if transpose:   # tile axis = keys, units = queries
                         ok = allowed(p, us // bs, ss_ // bs) and (not causal or ue >= ss_)
                     else:           # tile axis = queries, units = keys
@@ -661,10 +676,14 @@ def _tt_settings(bs, idx, causal):
                  q_range=qr, k_range=kr) for r, (qr, kr) in enumerate(ranges)]
 
 
-@pytest.mark.parametrize("tile,unit,bs", TT_SHAPES)
-@pytest.mark.parametrize("transpose", [False, True])
+# (tile, unit, bs, transpose, merge): merged key tiles exist for blocks smaller than the tile
+TT_CASES = [c + (tr, False) for c in TT_SHAPES for tr in (False, True)] + \
+    [c + (True, True) for c in TT_SHAPES if c[2] < c[0]]
+
+
+@pytest.mark.parametrize("tile,unit,bs,transpose,merge", TT_CASES)
 @pytest.mark.parametrize("causal", [True, False])
-def test_tile_table_contract(tile, unit, bs, transpose, causal):
+def test_tile_table_contract(tile, unit, bs, transpose, merge, causal):
     idx = TT_SHAPES.index((tile, unit, bs)) + 2 * transpose + causal
     nb = 8 + (tile // bs if tile > bs else 1)
     layouts = [
@@ -684,7 +703,8 @@ def test_tile_table_contract(tile, unit, bs, transpose, causal):
     for li, (lay, M) in enumerate(layouts):
         for s in _tt_settings(bs, idx + li, causal):
             tt = build_tile_table(lay, transpose=transpose, tile=tile, unit=unit, device="cpu",
-                                  causal=causal, **s)
+                                  causal=causal, merge=merge, **s)
+            assert (tt.subs is not None) == merge
             checked += check_tile_table(tt, M, bs, transpose=transpose, tile=tile, unit=unit,
                                         causal=causal, **s)
     assert checked > 0
@@ -702,6 +722,18 @@ def test_tile_table_group_rounding_keeps_order(group, transpose):
                   k_range=k_range, causal=True, exact_bounds=True)
         tt = build_tile_table(lay, device="cpu", **kw)
         assert check_tile_table(tt, M, 16, **kw) > 0
+
+
+def test_merged_key_tiles_group_strided_columns():
+    # block 16, window 2, stride 8, tiles of 4 blocks: strided columns (attended by every later
+    # query block) share tiles, so far fewer (unit, tile) entries than tiles by position
+    lay = local_stride(2, 16, 2, 8, head_offset=3)
+    kw = dict(transpose=True, tile=64, unit=16, group=1, q_range=(0, 1024), k_range=(0, 1024),
+              causal=True, exact_bounds=True)
+    plain = build_tile_table(lay, device="cpu", **kw)
+    merged = build_tile_table(lay, device="cpu", merge=True, **kw)
+    check_tile_table(merged, pattern_mask_local_stride(2, 2, 8, 64, head_offset=3), 16, **kw)
+    assert merged.ntot.sum() < 0.6 * plain.ntot.sum()
 
 
 def test_tile_table_by_hand():

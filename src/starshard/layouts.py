@@ -105,7 +105,8 @@ class BlockLayout:
         attention call is applied here; a causal ``local_stride`` layout excludes j > i itself.
         """
         qb = q_blocks.view(1, -1, 1)
-        kb = k_blocks.view(1, 1, -1)
+        # k_blocks [C], or [P, C]: columns of their own for each pattern head
+        kb = k_blocks.view(1, 1, -1) if k_blocks.dim() == 1 else k_blocks.unsqueeze(1)
         if self._rule is not None:
             return self._rule(pattern_heads.view(-1, 1, 1), qb, kb)
         nb = self.num_blocks
@@ -337,6 +338,11 @@ class TileTable:
     whole unit and it is inside the bounds), the rest carry ``bits``: bit r set iff tile
     sub-block r (``sub`` tokens) may attend the unit. ``nfull`` and ``ntot`` are multiples of
     ``group``; padding entries have unit -1 and bits 0.
+
+    ``subs`` (merged key tiles, transposed tables only; else None): int32 [P, T, tile // sub], the
+    block index of each sub-block of tile (p, t), -1 for padding. Key blocks are then grouped
+    into tiles by how many query units attend them (Merge-K), not by position, so a tile of
+    small strided key blocks is not mostly masked.
     """
     units: torch.Tensor   # int32 [P, T, L]
     bits: torch.Tensor    # int32 [P, T, L]
@@ -347,6 +353,7 @@ class TileTable:
     unit: int
     sub: int
     group: int
+    subs: torch.Tensor | None = None
 
     @property
     def num_tiles(self):
@@ -359,10 +366,11 @@ _TABLE_LOCK = threading.Lock()
 
 
 def tile_table(layout, *, transpose, tile, unit, group, q_range, k_range, causal, exact_bounds,
-               device):
+               device, merge=False):
     """Cached :class:`TileTable` for ``layout`` (see :func:`build_tile_table`)."""
     device = torch.device(device)
-    key = (layout.key, transpose, tile, unit, group, q_range, k_range, causal, exact_bounds, str(device))
+    key = (layout.key, transpose, tile, unit, group, q_range, k_range, causal, exact_bounds,
+           str(device), merge)
     with _TABLE_LOCK:
         hit = _TABLE_CACHE.get(key)
         if hit is not None:
@@ -370,7 +378,7 @@ def tile_table(layout, *, transpose, tile, unit, group, q_range, k_range, causal
             return hit
     table = build_tile_table(layout, transpose=transpose, tile=tile, unit=unit, group=group,
                              q_range=q_range, k_range=k_range, causal=causal,
-                             exact_bounds=exact_bounds, device=device)
+                             exact_bounds=exact_bounds, device=device, merge=merge)
     with _TABLE_LOCK:
         _TABLE_CACHE[key] = table
         while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
@@ -379,13 +387,15 @@ def tile_table(layout, *, transpose, tile, unit, group, q_range, k_range, causal
 
 
 def build_tile_table(layout, *, transpose, tile, unit, group, q_range, k_range, causal,
-                     exact_bounds, device):
+                     exact_bounds, device, merge=False):
     """Build the lookup table of the tiles that cover a position range.
 
     ``q_range``/``k_range`` are [lo, hi) position ranges of queries and keys (lo >= 0).
     ``transpose=False``: tiles along queries, units along keys (forward, dq).
     ``transpose=True``: tiles along keys, units along queries (dk, dv).
     ``exact_bounds``: a unit that sticks out of its position range is not "full".
+    ``merge`` (transposed, block size < tile): group key blocks into tiles by attendance
+    (``TileTable.subs``) instead of by position.
     """
     bs = layout.block_size
     sub = min(bs, tile)
@@ -419,28 +429,40 @@ def build_tile_table(layout, *, transpose, tile, unit, group, q_range, k_range, 
     weights = (1 << r).to(torch.int64).view(1, 1, -1, 1)
     full_bits = (1 << nsub) - 1
     budget = 1 << 25
+    subs = None
+    if merge and transpose and nsub > 1:
+        subs = _merged_key_tiles(layout, heads, t_lo, t_hi, nsub, u_start, u_end, u_block, causal,
+                                 budget, device)
+        t0, n_tiles = 0, subs.shape[1]
     chunk = max(1, budget // max(1, P * nsub * n_units))
     parts = []
     for c0 in range(0, n_tiles, chunk):
         tiles = torch.arange(t0 + c0, t0 + min(n_tiles, c0 + chunk), device=device)
-        s_start = (tiles.view(-1, 1) * tile + r.view(1, -1) * sub)            # [C, R]
+        if subs is None:   # tiles of consecutive positions, shared by every pattern head
+            s_start = tiles.view(1, -1, 1) * tile + r.view(1, 1, -1) * sub              # [1, C, R]
+            s_block = (s_start // bs).reshape(-1)
+        else:              # merged key tiles (sub == bs): blocks of each head's own choosing
+            blk = subs[:, tiles].long()                                               # [P, C, R]
+            s_start = blk.clamp(min=0) * bs
+            s_block = blk.reshape(P, -1)
         s_end = s_start + sub - 1
-        s_block = (s_start // bs).reshape(-1)
         if transpose:
-            allowed = layout.allowed(heads, u_block, s_block)                 # [P, U, C*R]
+            allowed = layout.allowed(heads, u_block, s_block)                         # [P, U, C*R]
             allowed = allowed.view(P, n_units, len(tiles), nsub).permute(0, 2, 3, 1)
         else:
             allowed = layout.allowed(heads, s_block, u_block).view(P, len(tiles), nsub, n_units)
+        if subs is not None:
+            allowed = allowed & (blk >= 0).unsqueeze(-1)
         # sub-block / unit pairs with at least one causal (q, k) pair, and fully causal ones
         if transpose:   # sub-block = keys, unit = queries
-            poss = u_end.view(1, 1, -1) >= s_start.unsqueeze(-1)
-            fullc = u_start.view(1, 1, -1) >= s_end.unsqueeze(-1)
+            poss = u_end.view(1, 1, 1, -1) >= s_start.unsqueeze(-1)
+            fullc = u_start.view(1, 1, 1, -1) >= s_end.unsqueeze(-1)
         else:           # sub-block = queries, unit = keys
-            poss = u_start.view(1, 1, -1) <= s_end.unsqueeze(-1)
-            fullc = u_end.view(1, 1, -1) <= s_start.unsqueeze(-1)
+            poss = u_start.view(1, 1, 1, -1) <= s_end.unsqueeze(-1)
+            fullc = u_end.view(1, 1, 1, -1) <= s_start.unsqueeze(-1)
         if causal:
-            allowed = allowed & poss.unsqueeze(0)
-            allfull = (allowed & fullc.unsqueeze(0)).all(dim=2)               # [P, C, U]
+            allowed = allowed & poss
+            allfull = (allowed & fullc).all(dim=2)                              # [P, C, U]
         else:
             allfull = allowed.all(dim=2)
         bits = (allowed.to(torch.int64) * weights).sum(dim=2)                 # [P, C, U]
@@ -484,7 +506,34 @@ def build_tile_table(layout, *, transpose, tile, unit, group, q_range, k_range, 
     bitsT = torch.cat([padw(p[1], 0) for p in parts], 1).contiguous()
     nfull = torch.cat([p[2] for p in parts], 1).contiguous()
     ntot = torch.cat([p[3] for p in parts], 1).contiguous()
-    return TileTable(units, bitsT, nfull, ntot, t0, tile, unit, sub, group)
+    return TileTable(units, bitsT, nfull, ntot, t0, tile, unit, sub, group, subs)
+
+
+def _merged_key_tiles(layout, heads, k_lo, k_hi, nsub, u_start, u_end, u_block, causal, budget,
+                      device):
+    """int32 [P, T, nsub]: key blocks grouped into tiles of ``nsub``, ordered by the log2 of how
+    many query units attend each block, then by position (strided columns, attended by every
+    later query, share tiles; blocks only the local window reads share others)."""
+    bs = layout.block_size
+    P = heads.numel()
+    kb = torch.arange(k_lo // bs, (k_hi - 1) // bs + 1, device=device)
+    counts = []
+    step = max(1, budget // max(1, P * u_block.numel()))
+    for c0 in range(0, kb.numel(), step):
+        cols = kb[c0:c0 + step]
+        a = layout.allowed(heads, u_block, cols)                                     # [P, U, C]
+        if causal:
+            a = a & (u_end.view(1, -1, 1) >= (cols * bs).view(1, 1, -1))
+        counts.append(a.sum(1))
+    count = torch.cat(counts, 1)                                                     # [P, NKB]
+    bucket = torch.floor(torch.log2(count.double() + 1)).long()
+    order = torch.argsort(bucket * (kb.numel() + 1) + torch.arange(kb.numel(), device=device), -1)
+    blocks = kb[order]
+    n_tiles = -(-kb.numel() // nsub)
+    pad = n_tiles * nsub - kb.numel()
+    if pad:
+        blocks = torch.cat([blocks, blocks.new_full((P, pad), -1)], 1)
+    return blocks.view(P, n_tiles, nsub).to(torch.int32).contiguous()
 
 
 def kv_block_table(layout, nbq, nbk, q_block_start=None, *, causal=True, num_heads=None, device="cpu"):

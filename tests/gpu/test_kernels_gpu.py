@@ -36,14 +36,30 @@ LAYOUTS = [
 @pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (128, torch.bfloat16), (80, torch.bfloat16),
                                      (192, torch.bfloat16), (128, torch.float16)])
 def test_bf16_fp16_forward_backward(name, kw, d, dtype):
+    _check_forward_backward(kw, d, dtype, {})
+
+
+# the dk/dv kernel's other loop structures (the default splits them, masked loop unpipelined)
+# and merged key tiles (the default when a GQA group shares one pattern: with 4 KV heads here,
+# for bs < 64)
+STRATEGIES = [dict(dkdv_split=False), dict(dkdv_masked_stages=2), dict(merge_k=True)]
+
+
+@pytest.mark.parametrize("name,kw", LAYOUTS, ids=[n for n, _ in LAYOUTS])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=["one-loop", "masked-pipelined", "merge-k"])
+def test_backward_strategies(name, kw, strategy):
+    _check_forward_backward(kw, 128, torch.bfloat16, strategy, hkv=4 if "merge_k" in strategy else 2)
+
+
+def _check_forward_backward(kw, d, dtype, strategy, hkv=2):
     torch.manual_seed(d)
     kw = dict(kw)
-    hq, hkv, nq, nk = 4, 2, 1500, 2100
+    hq, nq, nk = 4, 1500, 2100
     layout = ss.local_stride(hq, kw.pop("block_size"), kw.pop("local_blocks"), kw.pop("vert_stride"), **kw)
     q = torch.randn(2, nq, hq, d, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(2, nk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(2, nk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
-    with triton_launch.kernel_config(poison=True):
+    with triton_launch.kernel_config(poison=True, **strategy):
         out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True)
         ref, ref_lse = reference_attention(q, k, v, layout, dtype=torch.float32)
         same, _ = reference_attention(q, k, v, layout, dtype=dtype)

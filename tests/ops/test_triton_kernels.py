@@ -73,6 +73,16 @@ CASES = [
     (32, None, True, 6, 3, 48, 120, 90, None, 20, torch.float32, "strided_only", False),
     (64, None, True, 4, 2, 80, 64, 64, None, 0, torch.float16, "random", False),
     (32, dict(int64=True), True, 2, 1, 32, 110, 150, None, 0, torch.float32, "hetero", True),
+    # the dk/dv kernel's other loop structures: one loop with a branch; a pipelined masked loop
+    (16, dict(dkdv_split=False), True, 4, 2, 32, 200, 200, None, 0, torch.float32, "hetero", False),
+    (64, dict(dkdv_split=False, bwd_m=32, bwd_n=32), False, 2, 2, 64, 130, 150, 10, 0, torch.float16, "random", True),
+    (32, dict(dkdv_masked_stages=2), True, 6, 3, 48, 120, 90, None, 20, torch.float32, "strided_only", False),
+    # merged key tiles (dk/dv tiles of small blocks grouped by attendance, the default where a
+    # GQA group shares one pattern) forced on and off: q/k offsets, GQA
+    (16, dict(merge_k=True), True, 4, 2, 32, 200, 260, None, 40, torch.float32, "gqa_shared", False),
+    (16, dict(merge_k=False, bwd_m=32, bwd_n=64), False, 2, 2, 64, 150, 170, 10, 0, torch.float16, "random", True),
+    (32, dict(merge_k=True, dkdv=(32, 128, 4, 2)), True, 4, 4, 32, 300, 300, None, 0, torch.float16, "hetero", False),
+    (16, dict(merge_k=True), True, 4, 2, 32, 100, 230, 150, 30, torch.float32, "hetero", False),
 ]
 
 
@@ -126,10 +136,13 @@ def test_empty_rows_give_zero_and_minus_inf():
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_varlen_forward_backward(causal):
+@pytest.mark.parametrize("causal,strategy", [(True, {}), (False, {}), (True, dict(dkdv_split=False)),
+                                             (True, dict(merge_k=True)), (False, dict(merge_k=False))])
+def test_varlen_forward_backward(causal, strategy):
     hq, hkv, d, bs = 4, 2, 32, 16
-    layout = ss.local_stride(hq, bs, 2, 3, causal=causal)
+    # merged key tiles need one pattern per GQA group
+    shared = dict(num_kv_heads=hkv) if strategy.get("merge_k") else {}
+    layout = ss.local_stride(hq, bs, 2, 3, causal=causal, **shared)
     lq, lk = [40, 0, 70, 5, 33], [60, 10, 70, 3, 33]   # empty, q longer than k, ragged
     cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
     cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
@@ -151,7 +164,7 @@ def test_varlen_forward_backward(causal):
     def loss(o, l):
         return (o.double() * w).sum() + (torch.where(torch.isfinite(l), l, 0).double() * wl).sum()
 
-    with triton_launch.kernel_config(poison=True):
+    with triton_launch.kernel_config(poison=True, **strategy):
         grads = torch.autograd.grad(loss(out, lse), (q, k, v))
     refs = torch.autograd.grad(loss(ref_out, ref_lse), (q, k, v))
     for name, a, b in zip("qkv", grads, refs):
@@ -217,3 +230,25 @@ def test_property_triton_matches_torch_blockwise(bs, hkv, group, nq, extra_k, lo
     torch.testing.assert_close(lse[fin], ref_lse.float()[fin], atol=1e-5, rtol=1e-5)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("nq,causal", [(1, True), (5, False), (16, True)])
+def test_short_query_tiles(nq, causal):
+    """At most 16 queries (decode steps) run on 16-row tiles; exact as any other tile."""
+    hq, hkv, d, nk = 4, 2, 64, 300
+    layout = ss.local_stride(hq, 32, 2, 3, causal=causal)
+    assert triton_launch.fwd_config(32, d, torch.float32, nq)[0] == 16
+    q, k, v = _inputs(2, nq, nk, hq, hkv, d, torch.float32, False, seed=nq)
+    q.requires_grad_(True)
+    with triton_launch.kernel_config(poison=True):
+        out, lse = ss.sparse_attention(q, k, v, layout, causal=causal, return_lse=True,
+                                       backend="triton")
+    ref_out, ref_lse = reference_attention(q, k, v, layout, causal=causal)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=2e-5, rtol=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(DEV)
+    dq = torch.autograd.grad(out, q, g)[0]
+    ref_dq = torch.autograd.grad(ref_out, q, g.to(ref_out.dtype))[0].double()
+    torch.testing.assert_close(dq.double(), ref_dq, atol=1e-4, rtol=0)

@@ -2,8 +2,8 @@
 
 ``s2_bwd_dq_kernel`` walks the forward table (tiles of queries, units of keys);
 ``s2_bwd_dkdv_kernel`` walks the transposed table (tiles of keys, units of queries) and sums the
-query heads of a GQA group in registers, so neither needs atomics. ``delta`` is
-rowsum(dO * O) minus the incoming gradient of lse, which is how gradients flow through lse.
+query heads of a GQA group in registers, so neither needs atomics. ``delta`` is rowsum(dO * O)
+minus the incoming gradient of lse, which is how gradients flow through lse.
 """
 import triton
 import triton.language as tl
@@ -154,9 +154,45 @@ def s2_bwd_dq_kernel(
 
 
 @triton.jit
+def _dkdv_step(e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h, bl_h,
+               T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq, slot, within,
+               offs_d, d_ok, sub_r, sm_scale, sm_scale_log2,
+               UNIT: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               VARLEN: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One step of the dk/dv loop: a group of query units against the key tile."""
+    u = tl.load(T_UNITS + toff + e + slot)
+    qpos = u * UNIT + within
+    qrow = qpos - qs
+    q_ok = (u >= 0) & (qrow >= 0) & (qrow < nq)
+    qm = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + bq_h + _row_offsets(qrow, sqn, INT64)[:, None] + offs_d[None, :] * sqd,
+                mask=qm, other=0.0)
+    do = tl.load(DO + bdo_h + _row_offsets(qrow, sdon, INT64)[:, None] + offs_d[None, :] * sdod,
+                 mask=qm, other=0.0)
+    lse = tl.load(LSE + bl_h + _row_offsets(qrow, sln, INT64), mask=q_ok, other=0.0)
+    delta = tl.load(DELTA + bl_h + _row_offsets(qrow, sln, INT64), mask=q_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    st = tl.dot(kk, tl.trans(q), input_precision=DOT_PREC) * sm_scale_log2
+    if MASKED:
+        bits = tl.load(T_BITS + toff + e + slot)
+        mk = (((bits[None, :] >> sub_r[:, None]) & 1) != 0) & q_ok[None, :]
+        if CAUSAL:
+            mk = mk & (kpos[:, None] <= qpos[None, :])
+        st = tl.where(mk, st, float("-inf"))
+    elif VARLEN:
+        st = tl.where(q_ok[None, :], st, float("-inf"))
+    pt = tl.exp2(st - lse2[None, :])
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+    dpt = tl.dot(vv, tl.trans(do), input_precision=DOT_PREC)
+    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+    dk += tl.dot(dst, q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
 def s2_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    T_UNITS, T_BITS, T_NFULL, T_NTOT,
+    T_UNITS, T_BITS, T_NFULL, T_NTOT, T_SUBS,
     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdon, sdoh, sdod,
     sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd, slb, slh, sln,
     CU_Q, CU_K,
@@ -165,8 +201,12 @@ def s2_bwd_dkdv_kernel(
     sm_scale, sm_scale_log2,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    INT64: tl.constexpr, DOT_PREC: tl.constexpr,
+    INT64: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, MASKED_STAGES: tl.constexpr,
+    GATHER_K: tl.constexpr,
 ):
+    """dk and dv of one key tile. SPLIT runs the unmasked and masked entries as two loops (the
+    masked one with MASKED_STAGES pipeline stages) instead of one loop with a branch. GATHER_K:
+    the tile's key blocks come from T_SUBS (merged key tiles) instead of being consecutive."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -198,11 +238,21 @@ def s2_bwd_dkdv_kernel(
     base_dv += hk64 * sdvh
 
     n = n_first + pid_n
-    if (n * BLOCK_N - ks >= nk) | ((n + 1) * BLOCK_N - ks <= 0):
-        return
-    kpos = n * BLOCK_N + tl.arange(0, BLOCK_N)
-    krow = kpos - ks
-    k_ok = (krow >= 0) & (krow < nk)
+    sub_r = tl.arange(0, BLOCK_N) // SUB
+    if GATHER_K:
+        srow = ((hk * KV_GROUP) // TAB_GROUP).to(tl.int64) * n_tab_tiles + n
+        kblk = tl.load(T_SUBS + srow * (BLOCK_N // SUB) + sub_r)
+        kpos = kblk * SUB + tl.arange(0, BLOCK_N) % SUB
+        krow = kpos - ks
+        k_ok = (kblk >= 0) & (krow >= 0) & (krow < nk)
+        if tl.max(k_ok.to(tl.int32), axis=0) == 0:
+            return
+    else:
+        if (n * BLOCK_N - ks >= nk) | ((n + 1) * BLOCK_N - ks <= 0):
+            return
+        kpos = n * BLOCK_N + tl.arange(0, BLOCK_N)
+        krow = kpos - ks
+        k_ok = (krow >= 0) & (krow < nk)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     kmask = k_ok[:, None] & d_ok[None, :]
@@ -218,7 +268,6 @@ def s2_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     slot = offs_m // UNIT
     within = offs_m % UNIT
-    sub_r = tl.arange(0, BLOCK_N) // SUB
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -233,37 +282,57 @@ def s2_bwd_dkdv_kernel(
         bq_h = base_q + h64 * sqh
         bdo_h = base_do + h64 * sdoh
         bl_h = base_l + h64 * slh
-        if ntot > 0:
-            for e in range(0, ntot, G):
-                u = tl.load(T_UNITS + toff + e + slot)
-                qpos = u * UNIT + within
-                qrow = qpos - qs
-                q_ok = (u >= 0) & (qrow >= 0) & (qrow < nq)
-                qm = q_ok[:, None] & d_ok[None, :]
-                q = tl.load(Q + bq_h + _row_offsets(qrow, sqn, INT64)[:, None] + offs_d[None, :] * sqd,
-                            mask=qm, other=0.0)
-                do = tl.load(DO + bdo_h + _row_offsets(qrow, sdon, INT64)[:, None] + offs_d[None, :] * sdod,
-                             mask=qm, other=0.0)
-                lse = tl.load(LSE + bl_h + _row_offsets(qrow, sln, INT64), mask=q_ok, other=0.0)
-                delta = tl.load(DELTA + bl_h + _row_offsets(qrow, sln, INT64), mask=q_ok, other=0.0)
-                lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-                st = tl.dot(kk, tl.trans(q), input_precision=DOT_PREC) * sm_scale_log2
-                if e >= nfull:
-                    bits = tl.load(T_BITS + toff + e + slot)
-                    mk = (((bits[None, :] >> sub_r[:, None]) & 1) != 0) & q_ok[None, :]
-                    if CAUSAL:
-                        mk = mk & (kpos[:, None] <= qpos[None, :])
-                    st = tl.where(mk, st, float("-inf"))
-                elif VARLEN:
-                    st = tl.where(q_ok[None, :], st, float("-inf"))
-                pt = tl.exp2(st - lse2[None, :])
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-                dpt = tl.dot(vv, tl.trans(do), input_precision=DOT_PREC)
-                dst = pt * (dpt - delta[None, :])
-                dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+        if SPLIT:
+            if nfull > 0:
+                for e in range(0, nfull, G):
+                    dk, dv = _dkdv_step(
+                        e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h, bl_h,
+                        T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq, slot,
+                        within, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT, False, CAUSAL,
+                        VARLEN, INT64, DOT_PREC)
+            if ntot > nfull:
+                for e in tl.range(nfull, ntot, G, num_stages=MASKED_STAGES):
+                    dk, dv = _dkdv_step(
+                        e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h, bl_h,
+                        T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq, slot,
+                        within, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT, True, CAUSAL,
+                        VARLEN, INT64, DOT_PREC)
+        else:
+            if ntot > 0:
+                for e in range(0, ntot, G):
+                    if e >= nfull:
+                        dk, dv = _dkdv_step(
+                            e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h,
+                            bl_h, T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs,
+                            nq, slot, within, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT,
+                            True, CAUSAL, VARLEN, INT64, DOT_PREC)
+                    else:
+                        dk, dv = _dkdv_step(
+                            e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h,
+                            bl_h, T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs,
+                            nq, slot, within, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT,
+                            False, CAUSAL, VARLEN, INT64, DOT_PREC)
 
     dk = dk * sm_scale
     tl.store(DK + base_dk + _row_offsets(krow, sdkn, INT64)[:, None] + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + base_dv + _row_offsets(krow, sdvn, INT64)[:, None] + offs_d[None, :] * sdvd,
              dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def s2_bwd_delta_kernel(O, DO, DELTA, sob, son, soh, sod, sdob, sdon, sdoh, sdod, sdb, sdh, sdn,
+                        N, H, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+    """delta[b, h, n] = sum_d O * dO in fp32 (one read of each, no fp32 copies)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = (rows < N)[:, None] & (offs_d < HEAD_D)[None, :]
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod, mask=m, other=0.0)
+    g = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdon + offs_d[None, :] * sdod, mask=m,
+                other=0.0)
+    acc = tl.sum(o.to(tl.float32) * g.to(tl.float32), axis=1)
+    tl.store(DELTA + b * sdb + h * sdh + rows * sdn, acc, mask=rows < N)

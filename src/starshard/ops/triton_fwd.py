@@ -157,3 +157,11 @@ def s2_fwd_kernel(
     tl.store(O + base_o + _row_offsets(rows, son, INT64)[:, None] + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + base_l + _row_offsets(rows, sln, INT64), lse, mask=row_ok)
+
+
+# A decode step adds a key each call: this copy of the kernel does not specialise on the lengths
+# and offsets that change (Triton would compile a new variant each time one of them becomes
+# divisible by 16). Prefill keeps the specialised kernel: 3% faster on an H100.
+s2_fwd_kernel_varying = triton.jit(do_not_specialize=[
+    "slb", "slh", "Nq", "Nk", "q_start", "k_start", "t0", "n_tab_tiles", "tab_len", "m_first",
+])(s2_fwd_kernel.fn)

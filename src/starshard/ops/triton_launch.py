@@ -8,8 +8,8 @@ import torch
 import triton
 
 from ..layouts import tile_table
-from .triton_bwd import s2_bwd_dkdv_kernel, s2_bwd_dq_kernel
-from .triton_fwd import s2_fwd_kernel
+from .triton_bwd import s2_bwd_delta_kernel, s2_bwd_dkdv_kernel, s2_bwd_dq_kernel
+from .triton_fwd import s2_fwd_kernel, s2_fwd_kernel_varying
 
 _OVERRIDE: dict = {}
 
@@ -17,7 +17,9 @@ _OVERRIDE: dict = {}
 @contextlib.contextmanager
 def kernel_config(**kw):
     """Force settings for tests: fwd/dq/dkdv=(m, n, warps, stages), fwd_m, fwd_n, bwd_m, bwd_n,
-    num_warps, num_stages, poison, int64 (force int64 offsets)."""
+    num_warps, num_stages, poison, int64 (force int64 offsets), dkdv_split (the dk/dv kernel's
+    unmasked and masked entries in two loops, or one loop with a branch), dkdv_masked_stages,
+    merge_k (dk/dv key tiles grouped by attendance when blocks are smaller than the tile)."""
     old = dict(_OVERRIDE)
     _OVERRIDE.update(kw)
     try:
@@ -58,6 +60,19 @@ _TUNED = {
 }
 
 
+# The dk/dv kernel runs its unmasked and masked entries as two loops ("split": 9-11% faster on
+# an H100 than one loop with a branch, benchmarks/results/tune_bwd_h100_32k.json), the masked
+# loop unpipelined (1 stage) like the forward's; blocks smaller than its key tile are grouped
+# into tiles by attendance ("merge_k": backward 1.7x faster at bs16, 1.25x at bs32,
+# results/tune_bwd_merge_h100_32k.json).
+_BWD = {"split": True, "masked_stages": 1, "merge_k": True}
+
+
+def _bwd_strategy():
+    return (bool(_OVERRIDE.get("dkdv_split", _BWD["split"])),
+            int(_OVERRIDE.get("dkdv_masked_stages", _BWD["masked_stages"])))
+
+
 def _config(kernel, bs, d, dtype):
     bd = min(256, max(64, _block_d(d)))
     m, n, w, st = _TUNED.get((kernel, bd, bs)) or _TUNED[(kernel, bd, None)]
@@ -71,9 +86,13 @@ def _config(kernel, bs, d, dtype):
     return m, n, _OVERRIDE.get("num_warps", w), _OVERRIDE.get("num_stages", st)
 
 
-def fwd_config(bs, d, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel."""
-    return _config("fwd", bs, d, dtype)
+def fwd_config(bs, d, dtype, max_q=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel; a call of at most 16
+    queries per sequence (a decode step) gets 16-row tiles instead of wasting most of a tile."""
+    m, n, w, st = _config("fwd", bs, d, dtype)
+    if max_q is not None and max_q <= 16 and not {"fwd", "fwd_m"} & _OVERRIDE.keys():
+        m, w = 16, 4
+    return m, n, w, st
 
 
 def _dot_precision(dtype):
@@ -105,12 +124,13 @@ def _strides4(t, varlen):
     return tuple(t.stride())
 
 
-def _tables(layout, transpose, tile, unit_cap, group_axis, q_range, k_range, causal, varlen, device):
+def _tables(layout, transpose, tile, unit_cap, group_axis, q_range, k_range, causal, varlen, device,
+            merge=False):
     bs = layout.block_size
     unit = min(bs, unit_cap)
     return tile_table(layout, transpose=transpose, tile=tile, unit=unit, group=group_axis // unit,
                       q_range=q_range, k_range=k_range, causal=causal, exact_bounds=not varlen,
-                      device=device)
+                      device=device, merge=merge)
 
 
 def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, cu_k=None,
@@ -119,7 +139,8 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     varlen = cu_q is not None
     d = q.shape[-1]
     hq, hkv = q.shape[-2], k.shape[-2]
-    bm, bn, warps, stages = fwd_config(layout.block_size, d, q.dtype)
+    bm, bn, warps, stages = fwd_config(layout.block_size, d, q.dtype,
+                                       max_q if varlen else q.shape[1])
     q_range, k_range = _geometry(q, k, q_start, k_start, varlen, max_q, max_k)
     tab = _tables(layout, False, bm, bn, bn, q_range, k_range, causal, varlen, q.device)
     out = _empty(q.shape, q.dtype, q.device)
@@ -144,7 +165,8 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         return out, lse
     grid = (n_m, batch * hq)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        s2_fwd_kernel[grid](
+        kernel = s2_fwd_kernel_varying if bm == 16 else s2_fwd_kernel
+        kernel[grid](
             q, k, v, out, lse, tab.units, tab.bits, tab.nfull, tab.ntot,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
             *sl, cu_q, cu_k, nq, nk, qs, ks,
@@ -167,13 +189,15 @@ def backward(do, dlse, q, k, v, out, lse, layout, causal, sm_scale, q_start, k_s
     km, kn, kwarps, kstages = _config("dkdv", layout.block_size, d, q.dtype)
     q_range, k_range = _geometry(q, k, q_start, k_start, varlen, max_q, max_k)
     tab_q = _tables(layout, False, bm, bn, bn, q_range, k_range, causal, varlen, q.device)
-    tab_k = _tables(layout, True, kn, km, km, q_range, k_range, causal, varlen, q.device)
-    # delta = rowsum(dO * O) - dlse, laid out like lse
-    delta = (do.float() * out.float()).sum(-1)
-    delta = delta.transpose(-1, -2) if not varlen else delta.transpose(0, 1)
+    tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
+    # merged key tiles need one pattern for every query head of a GQA group
+    merge = _OVERRIDE.get("merge_k", _BWD["merge_k"]) and layout.block_size < kn and \
+        tab_group % (hq // hkv) == 0
+    tab_k = _tables(layout, True, kn, km, km, q_range, k_range, causal, varlen, q.device, merge)
+    split, masked_stages = _bwd_strategy()
+    delta = _delta(do, out, varlen)
     if dlse is not None:
         delta = delta - dlse
-    delta = delta.contiguous()
     lse = lse.contiguous()
     dq = _empty(q.shape, q.dtype, q.device)
     dk = _empty(k.shape, k.dtype, k.device)
@@ -195,10 +219,11 @@ def backward(do, dlse, q, k, v, out, lse, layout, causal, sm_scale, q_start, k_s
         n_first = ks // kn
         n_n = -(-(ks + nk) // kn) - n_first
         cu_q = cu_k = q
+    if tab_k.subs is not None:
+        n_first, n_n = 0, tab_k.num_tiles
     if batch == 0 or q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     int64 = _needs_int64(q, k, v, do)
-    tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
     common = dict(HEAD_D=d, BLOCK_D=_block_d(d), CAUSAL=causal, VARLEN=varlen, INT64=int64,
                   DOT_PREC=_dot_precision(q.dtype))
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
@@ -215,13 +240,35 @@ def backward(do, dlse, q, k, v, out, lse, layout, causal, sm_scale, q_start, k_s
         if n_n > 0:
             s2_bwd_dkdv_kernel[(n_n, batch * hkv)](
                 q, k, v, do, lse, delta, dk, dv, tab_k.units, tab_k.bits, tab_k.nfull, tab_k.ntot,
-                *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
+                tab_k.subs if tab_k.subs is not None else tab_k.units, *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
                 *_strides4(do, varlen), *_strides4(dk, varlen), *_strides4(dv, varlen), *sl,
                 cu_q, cu_k, nq, nk, qs, ks,
                 hkv, hq // hkv, tab_group, tab_k.t0, tab_k.num_tiles, tab_k.units.shape[-1], n_first,
                 sm_scale, sm_scale * 1.4426950408889634, UNIT=tab_k.unit, SUB=tab_k.sub,
-                BLOCK_M=km, BLOCK_N=kn, num_warps=kwarps, num_stages=kstages, **common)
+                BLOCK_M=km, BLOCK_N=kn, SPLIT=split, MASKED_STAGES=masked_stages,
+                GATHER_K=tab_k.subs is not None,
+                num_warps=kwarps, num_stages=kstages, **common)
         else:
             dk.zero_()
             dv.zero_()
     return dq, dk, dv
+
+
+def _delta(do, out, varlen):
+    """rowsum(dO * O) in fp32, laid out like lse: [B, H, N], or [H, T] for varlen."""
+    if varlen:
+        t, h, d = out.shape
+        delta = torch.empty((h, t), dtype=torch.float32, device=out.device)
+        b, n, sd = 1, t, (0,) + tuple(delta.stride())
+    else:
+        b, n, h, d = out.shape
+        delta = torch.empty((b, h, n), dtype=torch.float32, device=out.device)
+        sd = tuple(delta.stride())
+    if delta.numel() == 0:
+        return delta
+    block = 64
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        s2_bwd_delta_kernel[(triton.cdiv(n, block), b * h)](
+            out, do, delta, *_strides4(out, varlen), *_strides4(do, varlen), *sd, n, h,
+            HEAD_D=d, BLOCK_D=_block_d(d), BLOCK=block)
+    return delta
