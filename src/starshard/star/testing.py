@@ -26,7 +26,8 @@ def host_generate(rank, world, spec):
     """One host of a distributed run: build the tiny model, encode, answer every query.
 
     ``spec``: dict(seed, method, block_size, anchor_size, context, queries, max_new_tokens,
-    temperature, top_p, sample_seed, model_kwargs, fail_rank, fail_at). ``fail_at``: "encode"
+    temperature, top_p, sample_seed, model_kwargs, device, fail_rank, fail_at); ``device="cuda"``
+    puts rank r's model on GPU r. ``fail_at``: "encode"
     (SystemExit(3) before phase 1), "generate" (os._exit(7) after it), "raise" (RuntimeError),
     "hang" (sleeps while the others wait), "exit0" (exits 0 with no result). Returns per query
     (tokens, logits of the first step, stopped_by) and the phase-1 cache positions.
@@ -34,6 +35,8 @@ def host_generate(rank, world, spec):
     from .comm import Comm
     from .engine import StarEngine
     model = tiny_llama(spec.get("seed", 0), **spec.get("model_kwargs", {}))
+    if spec.get("device") == "cuda":  # one GPU per rank (NCCL)
+        model = model.to(f"cuda:{rank}")
     eng = StarEngine(model, method=spec["method"], block_size=spec.get("block_size"),
                      anchor_size=spec.get("anchor_size"), comm=Comm(),
                      anchor_mode=spec.get("anchor_mode", "once"))
