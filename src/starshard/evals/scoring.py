@@ -26,15 +26,16 @@ def string_match_part(prediction: str, answers: Sequence[str]) -> float:
     return sum(a in pred for a in answers) / len(answers)
 
 
-# Task name -> metric. Retrieval tasks need every answer; QA-like tasks (added later) take part.
+# Task name -> metric. Retrieval and aggregation tasks need every answer, as in RULER (vt, cwe
+# and fwe too); QA-like tasks (added later) take part.
 SCORERS: dict[str, Callable[[str, Sequence[str]], float]] = {
-    "passkey": string_match_all,
-    "niah_single": string_match_all,
-    "niah_single_word": string_match_all,
-    "niah_single_uuid": string_match_all,
-    "niah_multikey": string_match_all,
-    "niah_multivalue": string_match_all,
-    "niah_multiquery": string_match_all,
+    task: string_match_all for task in (
+        "passkey",
+        "niah_single", "niah_single_word", "niah_single_uuid",
+        "niah_multikey", "niah_multivalue", "niah_multiquery",
+        "niah_single_prose", "niah_single_word_prose", "niah_single_uuid_prose",
+        "niah_multikey_prose", "niah_multivalue_prose", "niah_multiquery_prose",
+        "vt", "cwe", "fwe", "kv_retrieval")
 }
 
 
