@@ -141,3 +141,24 @@ def test_merge_keeps_other_cases_and_replaces_redone_ones():
     assert times == [(8192, 1.0), (32768, 4.0)]
     assert merged["checks"] == old["checks"] and merged["merged_runs"] == ["d0", "d1"]
     assert bench.merge_payload(new, None) is new
+
+
+def test_opcount_model_limits():
+    """The operation-count model: one block or one host is dense; streaming the anchor never
+    costs more than recomputing it on fast links; ring's hosts share the causal work evenly."""
+    import opcount as oc
+    n = 1 << 17
+    dense = oc.phase1_per_host("dense", n, 1)[0]
+    assert oc.phase1_per_host("star", n, 1, block=n) == [dense]
+    ring1 = oc.phase1_per_host("ring", n, 1)[0]
+    assert abs(ring1 - dense) < 1e-9 * dense
+    once = oc.phase1_per_host("star", n, 4, anchor_mode="once")
+    stream = oc.phase1_per_host("star", n, 4, anchor_mode="stream")
+    assert once[0] == stream[0] and all(s < o for s, o in zip(stream[1:], once[1:]))
+    ring = oc.phase1_per_host("ring", n, 4)
+    assert len(set(ring)) == 1 and ring[0] > dense / 4
+    # 4 blocks, anchor = block: the last host encodes its block behind a recomputed anchor
+    b = n // 4
+    want = oc._cost(oc.LLAMA3_8B, oc.Rates(), 2 * b, 2 * oc.causal_pairs(b) + b * b)
+    assert abs(once[3] - want) < 1e-9 * want
+    assert oc.decode_step("star", n, 4) < oc.decode_step("dense", n, 1)
