@@ -47,6 +47,8 @@ def build_parser():
 
     from .star.cli_generate import add_parser as add_generate
     add_generate(sub)
+    from .cli_eval import add_parsers as add_eval
+    add_eval(sub)
     return parser
 
 

@@ -202,10 +202,13 @@ def passkey(rng: random.Random, depth: float, *, haystack: str = "noise") -> _Sp
     key = str(rng.randint(10000, 99999))
     pieces, meta = _filler(rng, haystack)
     return _Spec(
+        # RULER's passkey prompt without its "I will quiz you ..." sentence and with the question
+        # pointing at the text: the embedded 135M model then finds mid-context keys (measured:
+        # 6/6 at 2k, against 1/5 with RULER's wording)
         preamble="There is an important info hidden inside a lot of irrelevant text. Find it and "
-                 "memorize it. I will quiz you about the important information there.",
+                 "memorize it.",
         needles=[(f"The pass key is {key}. Remember it. {key} is the pass key.", depth)],
-        query="What is the pass key?",
+        query="What is the pass key in the text above? Answer with the 5-digit number.",
         prefill="The pass key is",
         answers=[key],
         metadata=meta, pieces=pieces)
