@@ -83,7 +83,11 @@ def _common(p):
                    help="sample i uses seed SEED + i (default 0)")
     p.add_argument("--out", default=None, help="output folder (results.jsonl, report.md, PNG plots)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--dtype", default=None, help="model dtype (default float32 on the CPU)")
+    p.add_argument("--dtype", default=None,
+                   help="model dtype (default float32 on the CPU, the checkpoint's on a GPU)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default) or cuda (one GPU; the hosts are "
+                        "simulated on it)")
 
 
 def add_parsers(sub):
@@ -173,7 +177,7 @@ def run_eval_cmd(args, parser):
     cfg = EvalConfig(model=args.model, tasks=tasks, lengths=args.lengths, samples=args.samples,
                      variants=variants, out=args.out, seed=args.seed, hosts=args.hosts,
                      max_new_tokens=args.max_new_tokens, processes=args.processes,
-                     timeout=args.timeout, dtype=args.dtype,
+                     timeout=args.timeout, dtype=args.dtype, device=args.device,
                      trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
     return guarded("eval", lambda: _eval(cfg, args.bootstrap))
 

@@ -70,12 +70,12 @@ def _demo(args, task):
           "process; greedy decoding", flush=True)
     _quiet_transformers()
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     print(f"model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     variants = [Variant("dense", "dense"), Variant("star", "star", blocks=4), Variant("ring", "ring")]
     cfg = EvalConfig(model=args.model, tasks=[task], lengths=args.lengths, samples=args.samples,
                      variants=variants, out=out, seed=args.seed, hosts=args.hosts, dtype=args.dtype,
-                     progress=not args.no_progress)
+                     device=args.device, progress=not args.no_progress)
     records = run_eval(cfg, model=model, tokenizer=tokenizer)
     _, report, plots = finish_report(cfg, records, title="starshard demo: dense vs star vs ring")
     print()

@@ -209,3 +209,23 @@ def test_answer_text_keeps_lists_across_lines():
     # a list answer may put one item per line; it ends at the first blank line
     assert _answer_text(" 1. apple\n2. pear\n3. plum\n\nOther text", multi=True) == \
         "1. apple\n2. pear\n3. plum"
+
+
+def test_device_reaches_the_model_loader(monkeypatch, tmp_path):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(path, **kw):
+        seen.update(kw)
+        raise Stop
+
+    import starshard.models
+    monkeypatch.setattr(starshard.models, "load_model", fake_load)
+    cfg = runner.EvalConfig(model="default", tasks=["passkey"], lengths=[512], samples=1,
+                            variants=make_variants(["dense"]), out=str(tmp_path), device="cuda:1",
+                            progress=False)
+    with pytest.raises(Stop):
+        runner.run_eval(cfg)
+    assert seen["device"] == "cuda:1"

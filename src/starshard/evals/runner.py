@@ -147,6 +147,7 @@ class EvalConfig:
     processes: bool = False             # real local host processes for star / ring
     timeout: float = 600.0
     dtype: str | None = None
+    device: str = "cpu"                 # the simulated hosts' device (one GPU: "cuda")
     trust_remote_code: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -300,7 +301,8 @@ def run_eval(cfg, *, model=None, tokenizer=None, log=None):
     model_dir = resolve_model_path(cfg.model) if cfg.processes else None
     if model is None or tokenizer is None:
         from ..models import load_model
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                      trust_remote_code=cfg.trust_remote_code)
     text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
     max_pos = getattr(text_cfg, "max_position_embeddings", None)
     num_params = sum(p.numel() for p in model.parameters())
