@@ -5,6 +5,8 @@ python benchmarks/tune_kernels.py --backward --out DIR      # backward strategie
 Times the forward for each forward config, and the whole backward for each dq config (dk/dv
 fixed) and each dk/dv config (dq fixed), on a few layouts; writes tune.json under --out and
 prints the best per layout. Used to fill the configuration table in ops/triton_launch.py.
+``--schedule`` times forward and backward under launch-order and pipelining variants
+(SCHEDULES), each checked against the first variant's results.
 ``--backward`` instead times the dk/dv kernel's variants (loop structure, merged key tiles)
 over dk/dv tiles, each checked against the default's gradients. (An earlier run also timed dq by fp32 atomics inside the dk/dv
 kernel: 1.3-2x slower everywhere, so it was dropped; results/tune_bwd_h100_32k.json.)
@@ -33,6 +35,8 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--layouts", default="bs128/l8/s16,bs64/l16/s16,bs16/l64/s16,dense")
     ap.add_argument("--backward", action="store_true", help="time the backward strategies")
+    ap.add_argument("--schedule", default=None,
+                    help=f"time these launch variants, comma separated, of {sorted(SCHEDULES)}")
     a = ap.parse_args()
     torch.manual_seed(0)
     h, d, n = 32, a.d, a.n
@@ -45,6 +49,9 @@ def main():
         pairs = layout.pairs(n, n)
         if a.backward:
             _strategies(res, name, layout, pairs, q, k, v, do, d, a.out)
+            continue
+        if a.schedule:
+            _schedules(res, name, layout, pairs, q, k, v, do, d, a.out, a.schedule.split(","))
             continue
         sc = d ** -0.5
         out, lse = TL.forward(q, k, v, layout, True, sc, 0, 0)
@@ -114,6 +121,43 @@ def _strategies(res, name, layout, pairs, q, k, v, do, d, out_dir):
             print(row, flush=True)
             with open(os.path.join(out_dir, "tune_bwd.json"), "w") as f:
                 json.dump(res, f, indent=1)
+
+
+SCHEDULES = {
+    "default": {},
+    "natural": dict(schedule="natural"),
+    "lpt": dict(schedule="lpt"),
+    "dq-natural": dict(schedule_dq="natural"),
+    "dkdv-natural": dict(schedule_dkdv="natural"),
+}
+
+
+def _schedules(res, name, layout, pairs, q, k, v, do, d, out_dir, names):
+    sc = d ** -0.5
+    base = None
+    for label in names:
+        row = dict(layout=name, kernel="schedule", variant=label)
+        try:
+            with TL.kernel_config(**SCHEDULES[label]):
+                fwd = lambda: TL.forward(q, k, v, layout, True, sc, 0, 0)
+                out, lse = fwd()
+                bwd = lambda: TL.backward(do, None, q, k, v, out, lse, layout, True, sc, 0, 0)
+                got = (out,) + tuple(bwd())
+                if base is None:
+                    base = got
+                row["max_rel_diff"] = max((g.float() - b.float()).abs().max().item() /
+                                          max(b.float().abs().max().item(), 1e-30)
+                                          for g, b in zip(got, base))
+                row["fwd_ms"] = triton.testing.do_bench(fwd, warmup=30, rep=150, return_mode="median")
+                row["bwd_ms"] = triton.testing.do_bench(bwd, warmup=30, rep=150, return_mode="median")
+                row["fwd_tflops"] = 4 * d * pairs / row["fwd_ms"] / 1e9
+                row["fwdbwd_ms"] = row["fwd_ms"] + row["bwd_ms"]
+        except Exception as e:  # noqa: BLE001 - record and go on
+            row["error"] = str(e).splitlines()[0][:200]
+        res["rows"].append(row)
+        print(row, flush=True)
+        with open(os.path.join(out_dir, "tune_schedule.json"), "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

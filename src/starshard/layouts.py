@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -354,6 +354,8 @@ class TileTable:
     sub: int
     group: int
     subs: torch.Tensor | None = None
+    # launch orders derived from this table, cached by the kernels' host code
+    orders: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_tiles(self):

@@ -42,11 +42,14 @@ def test_bf16_fp16_forward_backward(name, kw, d, dtype):
 # the dk/dv kernel's other loop structures (the default splits them, masked loop unpipelined)
 # and merged key tiles (the default when a GQA group shares one pattern: with 4 KV heads here,
 # for bs < 64)
-STRATEGIES = [dict(dkdv_split=False), dict(dkdv_masked_stages=2), dict(merge_k=True)]
+# and every kernel's programs in grid order, or heaviest tiles first
+STRATEGIES = [dict(dkdv_split=False), dict(dkdv_masked_stages=2), dict(merge_k=True),
+              dict(schedule="natural"), dict(schedule="lpt")]
 
 
 @pytest.mark.parametrize("name,kw", LAYOUTS, ids=[n for n, _ in LAYOUTS])
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=["one-loop", "masked-pipelined", "merge-k"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=["one-loop", "masked-pipelined", "merge-k",
+                                                         "natural-order", "lpt-order"])
 def test_backward_strategies(name, kw, strategy):
     _check_forward_backward(kw, 128, torch.bfloat16, strategy, hkv=4 if "merge_k" in strategy else 2)
 

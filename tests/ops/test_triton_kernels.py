@@ -83,6 +83,10 @@ CASES = [
     (16, dict(merge_k=False, bwd_m=32, bwd_n=64), False, 2, 2, 64, 150, 170, 10, 0, torch.float16, "random", True),
     (32, dict(merge_k=True, dkdv=(32, 128, 4, 2)), True, 4, 4, 32, 300, 300, None, 0, torch.float16, "hetero", False),
     (16, dict(merge_k=True), True, 4, 2, 32, 100, 230, 150, 30, torch.float32, "hetero", False),
+    # programs in grid order, or heaviest first (the forward's too)
+    (64, dict(schedule="natural"), True, 4, 2, 80, 64, 64, None, 0, torch.float16, "random", False),
+    (16, dict(schedule="lpt"), False, 2, 2, 64, 150, 170, 10, 0, torch.float16, "random", True),
+    (32, dict(schedule="lpt"), True, 4, 1, 32, 100, 230, None, 0, torch.float32, "hetero", False),
 ]
 
 
@@ -252,3 +256,23 @@ def test_short_query_tiles(nq, causal):
     dq = torch.autograd.grad(out, q, g)[0]
     ref_dq = torch.autograd.grad(ref_out, q, g.to(ref_out.dtype))[0].double()
     torch.testing.assert_close(dq.double(), ref_dq, atol=1e-4, rtol=0)
+
+
+def test_program_order_is_a_permutation_heaviest_first():
+    lay = ss.local_stride(4, 16, 1, 3, causal=True, head_offset=1)
+    tab = triton_launch._tables(lay, True, 32, 16, 16, (0, 300), (0, 300), True, False, "cpu")
+    rows, n = 2, tab.num_tiles + 3        # two kv heads of two query heads; 3 tiles past the table
+    order = triton_launch._program_order(tab, rows, 2, 1, tab.t0, n, "dkdv")
+    assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(rows * n))
+    classes = []
+    for w in order.tolist():
+        r, i = divmod(w, n)
+        work = sum(int(tab.ntot[h, i]) if i < tab.num_tiles else 0 for h in (2 * r, 2 * r + 1))
+        classes.append((-int(math.log2(work + 1)), w))
+    # heaviest class (entry counts in powers of two) first, grid order within a class
+    assert classes == sorted(classes) and classes[0][0] < classes[-1][0] == 0
+    assert triton_launch._program_order(tab, rows, 2, 1, tab.t0, n, "dkdv") is order   # cached
+    with triton_launch.kernel_config(schedule="natural"):
+        assert triton_launch._program_order(tab, rows, 2, 1, tab.t0, n, "dkdv") is None
+    with triton_launch.kernel_config(schedule_dkdv="fifo"), pytest.raises(ValueError, match="schedule"):
+        triton_launch._program_order(tab, rows, 2, 1, tab.t0, n, "dkdv")

@@ -8,7 +8,7 @@ minus the incoming gradient of lse, which is how gradients flow through lse.
 import triton
 import triton.language as tl
 
-from .triton_fwd import _row_offsets
+from .triton_fwd import _load_rows, _program_ids, _row_offsets, _unit_rows
 
 
 @triton.jit
@@ -36,18 +36,15 @@ def s2_bwd_dq_kernel(
     T_UNITS, T_BITS, T_NFULL, T_NTOT,
     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdon, sdoh, sdod,
     sdqb, sdqn, sdqh, sdqd, slb, slh, sln,
-    CU_Q, CU_K,
+    CU_Q, CU_K, ORDER,
     Nq, Nk, q_start, k_start,
-    H, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, m_first,
+    H, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, m_first, n_prog_tiles,
     sm_scale, sm_scale_log2,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    INT64: tl.constexpr, DOT_PREC: tl.constexpr,
+    INT64: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, b, h = _program_ids(ORDER, n_prog_tiles, H, ORDERED)
     hk = h // KV_GROUP
     q_off, k_off, nq, nk, qs, ks = _seq_geometry(CU_Q, CU_K, b, Nq, Nk, q_start, k_start, VARLEN)
     if VARLEN:
@@ -109,16 +106,13 @@ def s2_bwd_dq_kernel(
 
     if nfull > 0:
         for e in range(0, nfull, G):
-            u = tl.load(T_UNITS + toff + e + slot)
-            krow = u * UNIT + within - ks
-            if VARLEN:
-                k_ok = krow < nk
-            else:
-                k_ok = krow >= 0  # always true for full entries
-            kk = tl.load(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
-                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            vv = tl.load(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
-                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            kpos, _ = _unit_rows(T_UNITS, toff + e, slot, within, offs_n, UNIT, G)
+            krow = kpos - ks
+            k_ok = krow < nk  # full entries are in bounds unless VARLEN
+            kk = _load_rows(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
+                            k_ok, d_ok, VARLEN, BLOCK_D == HEAD_D)
+            vv = _load_rows(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
+                            k_ok, d_ok, VARLEN, BLOCK_D == HEAD_D)
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
             if VARLEN:
                 s = tl.where(k_ok[None, :], s, float("-inf"))
@@ -127,13 +121,13 @@ def s2_bwd_dq_kernel(
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT_PREC)
     if ntot > nfull:
-        # not software-pipelined: with num_stages > 1 Triton 3.6 gave wrong results here on an H100
+        # not software-pipelined: with num_stages > 1 Triton 3.6 gives wrong results here on an
+        # H100/H200 when a step gathers several units (benchmarks/NOTES.md)
         for e in tl.range(nfull, ntot, G, num_stages=1):
-            u = tl.load(T_UNITS + toff + e + slot)
+            kpos, u_ok = _unit_rows(T_UNITS, toff + e, slot, within, offs_n, UNIT, G)
             bits = tl.load(T_BITS + toff + e + slot)
-            kpos = u * UNIT + within
             krow = kpos - ks
-            k_ok = (u >= 0) & (krow >= 0) & (krow < nk)
+            k_ok = u_ok & (krow >= 0) & (krow < nk)
             kk = tl.load(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
                          mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             vv = tl.load(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
@@ -155,20 +149,19 @@ def s2_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_step(e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h, bl_h,
-               T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq, slot, within,
+               T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq, slot, within, offs_m,
                offs_d, d_ok, sub_r, sm_scale, sm_scale_log2,
-               UNIT: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               VARLEN: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr):
+               UNIT: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               VARLEN: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr,
+               EVEN_D: tl.constexpr):
     """One step of the dk/dv loop: a group of query units against the key tile."""
-    u = tl.load(T_UNITS + toff + e + slot)
-    qpos = u * UNIT + within
+    qpos, u_ok = _unit_rows(T_UNITS, toff + e, slot, within, offs_m, UNIT, G)
     qrow = qpos - qs
-    q_ok = (u >= 0) & (qrow >= 0) & (qrow < nq)
-    qm = q_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + bq_h + _row_offsets(qrow, sqn, INT64)[:, None] + offs_d[None, :] * sqd,
-                mask=qm, other=0.0)
-    do = tl.load(DO + bdo_h + _row_offsets(qrow, sdon, INT64)[:, None] + offs_d[None, :] * sdod,
-                 mask=qm, other=0.0)
+    q_ok = u_ok & (qrow >= 0) & (qrow < nq)
+    q = _load_rows(Q + bq_h + _row_offsets(qrow, sqn, INT64)[:, None] + offs_d[None, :] * sqd,
+                   q_ok, d_ok, MASKED or VARLEN, EVEN_D)
+    do = _load_rows(DO + bdo_h + _row_offsets(qrow, sdon, INT64)[:, None] + offs_d[None, :] * sdod,
+                    q_ok, d_ok, MASKED or VARLEN, EVEN_D)
     lse = tl.load(LSE + bl_h + _row_offsets(qrow, sln, INT64), mask=q_ok, other=0.0)
     delta = tl.load(DELTA + bl_h + _row_offsets(qrow, sln, INT64), mask=q_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
@@ -195,22 +188,19 @@ def s2_bwd_dkdv_kernel(
     T_UNITS, T_BITS, T_NFULL, T_NTOT, T_SUBS,
     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdon, sdoh, sdod,
     sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd, slb, slh, sln,
-    CU_Q, CU_K,
+    CU_Q, CU_K, ORDER,
     Nq, Nk, q_start, k_start,
-    HKV, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, n_first,
+    HKV, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, n_first, n_prog_tiles,
     sm_scale, sm_scale_log2,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     INT64: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, MASKED_STAGES: tl.constexpr,
-    GATHER_K: tl.constexpr,
+    GATHER_K: tl.constexpr, ORDERED: tl.constexpr,
 ):
     """dk and dv of one key tile. SPLIT runs the unmasked and masked entries as two loops (the
     masked one with MASKED_STAGES pipeline stages) instead of one loop with a branch. GATHER_K:
     the tile's key blocks come from T_SUBS (merged key tiles) instead of being consecutive."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    pid_n, b, hk = _program_ids(ORDER, n_prog_tiles, HKV, ORDERED)
     q_off, k_off, nq, nk, qs, ks = _seq_geometry(CU_Q, CU_K, b, Nq, Nk, q_start, k_start, VARLEN)
     if VARLEN:
         bq = q_off.to(tl.int64)
@@ -288,15 +278,15 @@ def s2_bwd_dkdv_kernel(
                     dk, dv = _dkdv_step(
                         e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h, bl_h,
                         T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq, slot,
-                        within, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT, False, CAUSAL,
-                        VARLEN, INT64, DOT_PREC)
+                        within, offs_m, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT, G, False,
+                        CAUSAL, VARLEN, INT64, DOT_PREC, BLOCK_D == HEAD_D)
             if ntot > nfull:
                 for e in tl.range(nfull, ntot, G, num_stages=MASKED_STAGES):
                     dk, dv = _dkdv_step(
                         e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h, bl_h,
                         T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq, slot,
-                        within, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT, True, CAUSAL,
-                        VARLEN, INT64, DOT_PREC)
+                        within, offs_m, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT, G, True,
+                        CAUSAL, VARLEN, INT64, DOT_PREC, BLOCK_D == HEAD_D)
         else:
             if ntot > 0:
                 for e in range(0, ntot, G):
@@ -304,14 +294,14 @@ def s2_bwd_dkdv_kernel(
                         dk, dv = _dkdv_step(
                             e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h,
                             bl_h, T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs,
-                            nq, slot, within, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT,
-                            True, CAUSAL, VARLEN, INT64, DOT_PREC)
+                            nq, slot, within, offs_m, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2,
+                            UNIT, G, True, CAUSAL, VARLEN, INT64, DOT_PREC, BLOCK_D == HEAD_D)
                     else:
                         dk, dv = _dkdv_step(
                             e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h,
                             bl_h, T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs,
-                            nq, slot, within, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT,
-                            False, CAUSAL, VARLEN, INT64, DOT_PREC)
+                            nq, slot, within, offs_m, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2,
+                            UNIT, G, False, CAUSAL, VARLEN, INT64, DOT_PREC, BLOCK_D == HEAD_D)
 
     dk = dk * sm_scale
     tl.store(DK + base_dk + _row_offsets(krow, sdkn, INT64)[:, None] + offs_d[None, :] * sdkd,

@@ -24,23 +24,63 @@ def _row_offsets(rows, stride, INT64: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(ptrs, row_ok, d_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, masking only what may be out of bounds."""
+    if ROW_MASK:
+        x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _unit_rows(T_UNITS, idx, slot, within, offs, UNIT: tl.constexpr, G: tl.constexpr):
+    """Token positions of the G units listed from T_UNITS[idx], UNIT tokens each; one unit per
+    step is read as a scalar, so the rows are known to be contiguous; -1 units stay negative."""
+    if G == 1:
+        u = tl.load(T_UNITS + idx)
+        pos = u * UNIT + offs
+        ok = (offs * 0 + u) >= 0
+    else:
+        u = tl.load(T_UNITS + idx + slot)
+        pos = u * UNIT + within
+        ok = u >= 0
+    return pos, ok
+
+
+@triton.jit
+def _program_ids(ORDER, n_prog_tiles, H, ORDERED: tl.constexpr):
+    """(tile index, batch, head) of this program: from ORDER (heaviest tiles first) or the grid."""
+    if ORDERED:
+        w = tl.load(ORDER + tl.program_id(0))
+        pid_t = w % n_prog_tiles
+        h = w // n_prog_tiles
+        b = tl.program_id(1)
+    else:
+        pid_t = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+    return pid_t, b, h
+
+
+@triton.jit
 def s2_fwd_kernel(
     Q, K, V, O, LSE,
     T_UNITS, T_BITS, T_NFULL, T_NTOT,
     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
     slb, slh, sln,
-    CU_Q, CU_K,
+    CU_Q, CU_K, ORDER,
     Nq, Nk, q_start, k_start,
-    H, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, m_first,
+    H, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, m_first, n_prog_tiles,
     sm_scale_log2,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    INT64: tl.constexpr, DOT_PREC: tl.constexpr,
+    INT64: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, b, h = _program_ids(ORDER, n_prog_tiles, H, ORDERED)
     hk = h // KV_GROUP
     if VARLEN:
         q_off = tl.load(CU_Q + b)
@@ -101,16 +141,13 @@ def s2_fwd_kernel(
 
     if nfull > 0:
         for e in range(0, nfull, G):
-            u = tl.load(T_UNITS + toff + e + slot)
-            krow = u * UNIT + within - ks
-            if VARLEN:
-                k_ok = krow < nk
-            else:
-                k_ok = krow >= 0  # always true for full entries
-            kk = tl.load(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
-                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            vv = tl.load(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
-                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            kpos, _ = _unit_rows(T_UNITS, toff + e, slot, within, offs_n, UNIT, G)
+            krow = kpos - ks
+            k_ok = krow < nk  # full entries are in bounds unless VARLEN
+            kk = _load_rows(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
+                            k_ok, d_ok, VARLEN, BLOCK_D == HEAD_D)
+            vv = _load_rows(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
+                            k_ok, d_ok, VARLEN, BLOCK_D == HEAD_D)
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
             if VARLEN:  # keys past this sequence's end: a whole row may be masked here
                 s = tl.where(k_ok[None, :], s, float("-inf"))
@@ -126,13 +163,13 @@ def s2_fwd_kernel(
             m_i = m_new
 
     if ntot > nfull:
-        # not software-pipelined: with num_stages > 1 Triton 3.6 gave wrong results here on an H100
+        # not software-pipelined: with num_stages > 1 Triton 3.6 gives wrong results here on an
+        # H100/H200 when a step gathers several units (benchmarks/NOTES.md)
         for e in tl.range(nfull, ntot, G, num_stages=1):
-            u = tl.load(T_UNITS + toff + e + slot)
+            kpos, u_ok = _unit_rows(T_UNITS, toff + e, slot, within, offs_n, UNIT, G)
             bits = tl.load(T_BITS + toff + e + slot)
-            kpos = u * UNIT + within
             krow = kpos - ks
-            k_ok = (u >= 0) & (krow >= 0) & (krow < nk)
+            k_ok = u_ok & (krow >= 0) & (krow < nk)
             kk = tl.load(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
                          mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             vv = tl.load(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
@@ -164,4 +201,5 @@ def s2_fwd_kernel(
 # divisible by 16). Prefill keeps the specialised kernel: 3% faster on an H100.
 s2_fwd_kernel_varying = triton.jit(do_not_specialize=[
     "slb", "slh", "Nq", "Nk", "q_start", "k_start", "t0", "n_tab_tiles", "tab_len", "m_first",
+    "n_prog_tiles",
 ])(s2_fwd_kernel.fn)

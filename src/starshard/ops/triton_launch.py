@@ -19,7 +19,9 @@ def kernel_config(**kw):
     """Force settings for tests: fwd/dq/dkdv=(m, n, warps, stages), fwd_m, fwd_n, bwd_m, bwd_n,
     num_warps, num_stages, poison, int64 (force int64 offsets), dkdv_split (the dk/dv kernel's
     unmasked and masked entries in two loops, or one loop with a branch), dkdv_masked_stages,
-    merge_k (dk/dv key tiles grouped by attendance when blocks are smaller than the tile)."""
+    merge_k (dk/dv key tiles grouped by attendance when blocks are smaller than the tile),
+    schedule ("lpt": heaviest tiles first, or "natural": grid order; schedule_fwd, schedule_dq,
+    schedule_dkdv for one kernel)."""
     old = dict(_OVERRIDE)
     _OVERRIDE.update(kw)
     try:
@@ -66,6 +68,51 @@ _TUNED = {
 # into tiles by attendance ("merge_k": backward 1.7x faster at bs16, 1.25x at bs32,
 # results/tune_bwd_merge_h100_32k.json).
 _BWD = {"split": True, "masked_stages": 1, "merge_k": True}
+
+
+# Launch order per kernel: "lpt" runs the heaviest tiles first (longest processing time first,
+# by the table's entry counts in powers of two, grid order within each class so that programs
+# running together still share a head's K/V in L2), "natural" the grid order. See
+# benchmarks/NOTES.md for the measurements.
+_SCHEDULE = {"fwd": "natural", "dq": "lpt", "dkdv": "lpt"}
+
+
+def _program_order(tab, rows, row_group, tab_group, first, n_tiles, kernel="fwd"):
+    """Launch order for a grid over ``rows`` heads x ``n_tiles`` tiles (tile ``first + i``), or
+    None for grid order: int32 [rows * n_tiles], entry ``row * n_tiles + i``, heaviest first.
+    Row r covers query heads r * row_group ... (r + 1) * row_group - 1; query head h uses pattern
+    h // tab_group. Cached on the table."""
+    schedule = _OVERRIDE.get("schedule_" + kernel, _OVERRIDE.get("schedule", _SCHEDULE[kernel]))
+    if schedule == "natural":
+        return None
+    if schedule != "lpt":
+        raise ValueError(f"schedule must be 'lpt' or 'natural', got {schedule!r}")
+    key = (rows, row_group, tab_group, first, n_tiles)
+    hit = tab.orders.get(key)
+    if hit is not None:
+        return hit
+    dev = tab.ntot.device
+    idx = torch.arange(n_tiles, device=dev) + (first - tab.t0)
+    inside = (idx >= 0) & (idx < tab.num_tiles)
+    if tab.num_tiles:
+        work_p = torch.where(inside, tab.ntot[:, idx.clamp(0, tab.num_tiles - 1)], 0)  # [P, T]
+    else:
+        work_p = torch.zeros(tab.ntot.shape[0], n_tiles, dtype=torch.int32, device=dev)
+    heads = torch.arange(rows * row_group, device=dev)
+    work = work_p[heads // tab_group].view(rows, row_group, n_tiles).sum(1)
+    work_class = torch.floor(torch.log2(work.reshape(-1).double() + 1))
+    order = torch.argsort(-work_class, stable=True).to(torch.int32)
+    if len(tab.orders) >= 16:   # varlen batches of changing lengths: keep the cache bounded
+        tab.orders.clear()
+    tab.orders[key] = order
+    return order
+
+
+def _grid(order, n_tiles, rows, batch):
+    """Grid for a launch over (tiles, batch x rows), ordered by ``order`` when it is given."""
+    if order is None:
+        return (n_tiles, batch * rows)
+    return (rows * n_tiles, batch)
 
 
 def _bwd_strategy():
@@ -163,19 +210,21 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    grid = (n_m, batch * hq)
+    tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
+    # decode steps (16-row tiles) change lengths every call: grid order, no per-length table
+    order = None if bm == 16 else _program_order(tab, hq, 1, tab_group, m_first, n_m, "fwd")
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         kernel = s2_fwd_kernel_varying if bm == 16 else s2_fwd_kernel
-        kernel[grid](
+        kernel[_grid(order, n_m, hq, batch)](
             q, k, v, out, lse, tab.units, tab.bits, tab.nfull, tab.ntot,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
-            *sl, cu_q, cu_k, nq, nk, qs, ks,
-            hq, hq // hkv, hq // layout.num_pattern_heads if layout.num_heads else hq,
-            tab.t0, tab.num_tiles, tab.units.shape[-1], m_first,
+            *sl, cu_q, cu_k, order if order is not None else tab.ntot, nq, nk, qs, ks,
+            hq, hq // hkv, tab_group, tab.t0, tab.num_tiles, tab.units.shape[-1], m_first, n_m,
             sm_scale * 1.4426950408889634,
             HEAD_D=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, UNIT=tab.unit, SUB=tab.sub,
             CAUSAL=causal, VARLEN=varlen, INT64=_needs_int64(q, k, v),
-            DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+            DOT_PREC=_dot_precision(q.dtype), ORDERED=order is not None,
+            num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -228,25 +277,30 @@ def backward(do, dlse, q, k, v, out, lse, layout, causal, sm_scale, q_start, k_s
                   DOT_PREC=_dot_precision(q.dtype))
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if n_m > 0:
-            s2_bwd_dq_kernel[(n_m, batch * hq)](
+            order = _program_order(tab_q, hq, 1, tab_group, m_first, n_m, "dq")
+            s2_bwd_dq_kernel[_grid(order, n_m, hq, batch)](
                 q, k, v, do, lse, delta, dq, tab_q.units, tab_q.bits, tab_q.nfull, tab_q.ntot,
                 *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
-                *_strides4(do, varlen), *_strides4(dq, varlen), *sl, cu_q, cu_k, nq, nk, qs, ks,
+                *_strides4(do, varlen), *_strides4(dq, varlen), *sl, cu_q, cu_k,
+                order if order is not None else tab_q.ntot, nq, nk, qs, ks,
                 hq, hq // hkv, tab_group, tab_q.t0, tab_q.num_tiles, tab_q.units.shape[-1], m_first,
-                sm_scale, sm_scale * 1.4426950408889634, UNIT=tab_q.unit, SUB=tab_q.sub,
-                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+                n_m, sm_scale, sm_scale * 1.4426950408889634, UNIT=tab_q.unit, SUB=tab_q.sub,
+                BLOCK_M=bm, BLOCK_N=bn, ORDERED=order is not None,
+                num_warps=warps, num_stages=stages, **common)
         else:
             dq.zero_()
         if n_n > 0:
-            s2_bwd_dkdv_kernel[(n_n, batch * hkv)](
+            order = _program_order(tab_k, hkv, hq // hkv, tab_group, n_first, n_n, "dkdv")
+            s2_bwd_dkdv_kernel[_grid(order, n_n, hkv, batch)](
                 q, k, v, do, lse, delta, dk, dv, tab_k.units, tab_k.bits, tab_k.nfull, tab_k.ntot,
-                tab_k.subs if tab_k.subs is not None else tab_k.units, *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
+                tab_k.subs if tab_k.subs is not None else tab_k.units, *_strides4(q, varlen),
+                *_strides4(k, varlen), *_strides4(v, varlen),
                 *_strides4(do, varlen), *_strides4(dk, varlen), *_strides4(dv, varlen), *sl,
-                cu_q, cu_k, nq, nk, qs, ks,
+                cu_q, cu_k, order if order is not None else tab_k.ntot, nq, nk, qs, ks,
                 hkv, hq // hkv, tab_group, tab_k.t0, tab_k.num_tiles, tab_k.units.shape[-1], n_first,
-                sm_scale, sm_scale * 1.4426950408889634, UNIT=tab_k.unit, SUB=tab_k.sub,
+                n_n, sm_scale, sm_scale * 1.4426950408889634, UNIT=tab_k.unit, SUB=tab_k.sub,
                 BLOCK_M=km, BLOCK_N=kn, SPLIT=split, MASKED_STAGES=masked_stages,
-                GATHER_K=tab_k.subs is not None,
+                GATHER_K=tab_k.subs is not None, ORDERED=order is not None,
                 num_warps=kwarps, num_stages=kstages, **common)
         else:
             dk.zero_()
