@@ -204,8 +204,11 @@ def _eval(cfg, n_boot):
     from .star.cli_generate import _quiet_transformers
     from .evals.runner import run_eval
     _quiet_transformers()
+    from .evals.runner import RESULTS, load_records
     records = run_eval(cfg)
-    summary, report, plots = finish_report(cfg, records, n_boot)
+    # the folder's report covers every answer in it for this model (earlier rounds, ablations)
+    everything = [r for r in load_records(os.path.join(cfg.out, RESULTS)) if r.get("model") == cfg.model]
+    summary, report, plots = finish_report(cfg, records, n_boot, everything=everything)
     print(report)
     print(f"results: {os.path.join(cfg.out, 'results.jsonl')} ({len(records)} answers)")
     print(f"report:  {report_path(cfg)}")
@@ -217,17 +220,27 @@ def report_path(cfg):
     return os.path.join(cfg.out, "report.md")
 
 
-def finish_report(cfg, records, n_boot=2000, *, title="starshard evaluation"):
-    """Summarise ``records``, write OUT/report.md and the plots; returns (summary, markdown, plots)."""
+def finish_report(cfg, records, n_boot=2000, *, title="starshard evaluation", everything=None):
+    """Summarise ``records`` (or ``everything``, a superset: all answers in the folder), write
+    OUT/report.md and the plots; returns (summary, markdown, plots)."""
     from .evals.plots import write_plots
     from .evals.report import markdown_report, summarize
-    from .evals.runner import length_label
-    summary = summarize(records, methods=[v.label for v in cfg.variants], n_boot=n_boot, seed=cfg.seed)
+    from .evals.runner import length_label, record_key
+    rows = records
+    if everything and {record_key(r) for r in everything} > {record_key(r) for r in records}:
+        rows = everything
+    order = ["dense"] + [v.label for v in cfg.variants]
+    summary = summarize(rows, methods=order, n_boot=n_boot, seed=cfg.seed)
     launch = "real local processes" if cfg.processes else "simulated in one process"
     notes = [f"model: {cfg.model}; tasks: {', '.join(cfg.tasks)}; lengths: "
              f"{', '.join(length_label(n) for n in cfg.lengths)}; {cfg.samples} samples each "
              f"(seeds {cfg.seed}..{cfg.seed + cfg.samples - 1}); greedy decoding",
              f"star and ring: {cfg.hosts} hosts, {launch}; dense: one host"]
+    if rows is not records:
+        ns = [c["n"] for c in summary["cells"]]
+        notes.append(f"this report covers all {len(rows)} answers in {cfg.out} for this model, "
+                     f"{len(records)} of them in this run's plan; samples per cell: "
+                     f"{min(ns)} to {max(ns)}")
     report = markdown_report(summary, title=title, notes=notes)
     with open(report_path(cfg), "w", encoding="utf-8") as fh:
         fh.write(report)

@@ -147,6 +147,22 @@ def test_resume_skips_finished_answers(first_run, tiny_dir, tmp_path, monkeypatc
     assert len(load_records(out / "results.jsonl")) == 36
 
 
+def test_report_covers_the_whole_folder(first_run, tiny_dir, tmp_path, monkeypatch, capsys):
+    """A later round of one method (its answers already there) still reports every method and
+    every sample in the folder."""
+    out = tmp_path / "rounds"
+    out.mkdir()
+    (out / "results.jsonl").write_text((first_run / "results.jsonl").read_text())
+    monkeypatch.setattr(runner, "_run_one", lambda *a, **k: pytest.fail("nothing should run"))
+    code, stdout, _ = run(eval_args(tiny_dir, out, methods="ring", samples=1), capsys)
+    assert code == 0 and "(4 answers)" in stdout          # the plan: 2 tasks x 2 lengths x 1
+    md = (out / "report.md").read_text()
+    assert "covers all 24 answers" in md and "4 of them in this run's plan" in md
+    for m in ("dense", "star", "ring"):
+        assert re.search(rf"\| passkey \| 80 \| {m} \| 2 \| ", md), m
+        assert re.search(rf"\| {m} \| 8 \| ", md), m     # overall rows
+
+
 def test_ablation_labels(tiny_dir, tmp_path, capsys):
     code, stdout, err = run(["eval", "--model", tiny_dir, "--methods", "dense,star", "--tasks", "passkey",
                              "--lengths", "96", "--samples", "1", "--blocks", "2,4", "--anchor",
@@ -229,3 +245,17 @@ def test_device_reaches_the_model_loader(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         runner.run_eval(cfg)
     assert seen["device"] == "cuda:1"
+
+
+def test_prompts_are_sized_under_the_position_cap():
+    """A prompt cut to fit the model's positions fits, though the generators size in sentences."""
+    from starshard.evals import TASKS
+    from starshard.star.testing import tiny_tokenizer
+    tok = tiny_tokenizer()
+    for task in sorted(TASKS):
+        for seed in range(4):
+            for length, cap in ((400, 10_000), (400, 390), (700, 640)):
+                p = runner._prepare(task, length, seed, tok, cap, None)
+                total = len(p.context_ids) + len(p.query_ids)
+                assert total <= min(length, cap - p.max_new_tokens), (task, seed, length, cap, total)
+                assert total >= min(length, cap - p.max_new_tokens) * 0.75, (task, seed, total)

@@ -199,7 +199,7 @@ def _prepare(task, length, seed, tokenizer, max_positions, max_new_override):
     from . import make_sample
 
     target, sample = length, None
-    for _ in range(4):
+    for attempt in range(8):
         try:
             sample = make_sample(task, target, tokenizer, seed=seed)
         except ValueError as e:
@@ -216,7 +216,8 @@ def _prepare(task, length, seed, tokenizer, max_positions, max_new_override):
         excess = len(ctx) + len(qry) - limit
         if excess <= 0:
             break
-        target -= excess
+        # the generators size in whole sentences: step past a sentence that keeps the excess
+        target -= excess + (2 ** attempt if attempt else 0)
         if target < 1:
             raise ValueError(f"task {task} at length {length}: the prompt does not fit")
     else:
