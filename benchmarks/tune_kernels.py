@@ -129,6 +129,13 @@ SCHEDULES = {
     "lpt": dict(schedule="lpt"),
     "dq-natural": dict(schedule_dq="natural"),
     "dkdv-natural": dict(schedule_dkdv="natural"),
+    "fwd-128x128x8x2": dict(fwd=(128, 128, 8, 2)),
+    "fwd-128x64x4x2": dict(fwd=(128, 64, 4, 2)),
+    "fwd-128x64x8x2": dict(fwd=(128, 64, 8, 2)),
+    "fwd-64x128x4x2": dict(fwd=(64, 128, 4, 2)),
+    "dq-128x128x8x2": dict(dq=(128, 128, 8, 2)),
+    "dq-64x128x8x2": dict(dq=(64, 128, 8, 2)),
+    "dq-128x64x8x3": dict(dq=(128, 64, 8, 3)),
 }
 
 
