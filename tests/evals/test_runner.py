@@ -225,6 +225,21 @@ def test_answer_text_keeps_lists_across_lines():
     # a list answer may put one item per line; it ends at the first blank line
     assert _answer_text(" 1. apple\n2. pear\n3. plum\n\nOther text", multi=True) == \
         "1. apple\n2. pear\n3. plum"
+    # a colon and a blank line after the pre-filled words open the list, they do not end it
+    assert _answer_text(":\n\n1. 8607732\n2. 7259238\n\nOther", multi=True) == "1. 8607732\n2. 7259238"
+    assert _answer_text(":\n- 42\nmore", multi=False) == "42"
+
+
+def test_generation_stops_after_the_answer_not_before():
+    from starshard.evals.runner import _stop_at_line
+
+    class Tok:
+        def decode(self, tokens, skip_special_tokens=True):
+            return "".join(tokens)
+    multi, single = _stop_at_line(Tok(), True), _stop_at_line(Tok(), False)
+    assert not multi([":", "\n\n"]) and not multi([":", "\n\n", "1. 86"])
+    assert multi([":", "\n\n", "1. 86", "\n2. 72", "\n\n"])
+    assert not single([" ", "\n"]) and single([" 12345", ".\n"])
 
 
 def test_device_reaches_the_model_loader(monkeypatch, tmp_path):

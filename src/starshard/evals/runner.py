@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -226,10 +227,16 @@ def _prepare(task, length, seed, tokenizer, max_positions, max_new_override):
     return Prepared(sample, ctx, qry, max_new, digest)
 
 
+# what may open an answer before its content: spaces, blank lines, a colon after the pre-filled
+# words ("... are:\n\n1. 123"), list dashes and bullets
+_ANSWER_LEAD = re.compile(r"^[\s:;,\-*]+")
+
+
 def _answer_text(text, multi):
     """The answer: the generated text up to the end of its first non-empty line, or for a list
-    of answers (one item per line is fine) up to its first blank line."""
-    t = text.lstrip()
+    of answers (one item per line is fine) up to its first blank line; what opens it before any
+    content (spaces, a colon, blank lines) does not end it."""
+    t = _ANSWER_LEAD.sub("", text)
     return t.split("\n\n" if multi else "\n", 1)[0].strip()
 
 
@@ -237,7 +244,7 @@ def _stop_at_line(tokenizer, multi):
     end = "\n\n" if multi else "\n"
 
     def stop(tokens):
-        return end in tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+        return end in _ANSWER_LEAD.sub("", tokenizer.decode(tokens, skip_special_tokens=True))
     return stop
 
 
