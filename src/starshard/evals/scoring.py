@@ -14,20 +14,22 @@ def _check(answers: Sequence[str]) -> list[str]:
 
 
 def string_match_all(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 iff every expected string appears in ``prediction`` (case-insensitive), else 0.0."""
-    pred = (prediction or "").lower()
-    return float(all(a in pred for a in _check(answers)))
-
-
-def string_match_part(prediction: str, answers: Sequence[str]) -> float:
-    """The fraction of expected strings that appear in ``prediction`` (case-insensitive)."""
+    """RULER's string_match_all: the share of expected strings that appear in ``prediction``
+    (case-insensitive); 1.0 only when every one does."""
     pred = (prediction or "").lower()
     answers = _check(answers)
     return sum(a in pred for a in answers) / len(answers)
 
 
-# Task name -> metric. Retrieval and aggregation tasks need every answer, as in RULER (vt, cwe
-# and fwe too); QA-like tasks (added later) take part.
+def string_match_part(prediction: str, answers: Sequence[str]) -> float:
+    """RULER's string_match_part: 1.0 if any expected string appears in ``prediction``
+    (case-insensitive), else 0.0."""
+    pred = (prediction or "").lower()
+    return float(any(a in pred for a in _check(answers)))
+
+
+# Task name -> metric, as RULER maps them: the retrieval and aggregation tasks score the share of
+# their answers found (a sample is "correct" only with all of them); QA-like tasks would take part.
 SCORERS: dict[str, Callable[[str, Sequence[str]], float]] = {
     task: string_match_all for task in (
         "passkey",
