@@ -202,15 +202,14 @@ def guarded(cmd, fn):
 
 def _eval(cfg, n_boot):
     from .star.cli_generate import _quiet_transformers
-    from .evals.runner import run_eval
+    from .evals.runner import RESULTS, load_records, run_eval
     _quiet_transformers()
-    from .evals.runner import RESULTS, load_records
     records = run_eval(cfg)
     # the folder's report covers every answer in it for this model (earlier rounds, ablations)
     everything = [r for r in load_records(os.path.join(cfg.out, RESULTS)) if r.get("model") == cfg.model]
     summary, report, plots = finish_report(cfg, records, n_boot, everything=everything)
     print(report)
-    print(f"results: {os.path.join(cfg.out, 'results.jsonl')} ({len(records)} answers)")
+    print(f"results: {os.path.join(cfg.out, RESULTS)} ({len(records)} answers)")
     print(f"report:  {report_path(cfg)}")
     print("plots:   " + ", ".join(str(p) for p in plots))
     return 0
