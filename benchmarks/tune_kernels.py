@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--backward", action="store_true", help="time the backward strategies")
     ap.add_argument("--schedule", default=None,
                     help=f"time these launch variants, comma separated, of {sorted(SCHEDULES)}")
+    ap.add_argument("--fwd-only", action="store_true", help="--schedule: time the forward only")
     a = ap.parse_args()
     torch.manual_seed(0)
     h, d, n = 32, a.d, a.n
@@ -51,7 +52,8 @@ def main():
             _strategies(res, name, layout, pairs, q, k, v, do, d, a.out)
             continue
         if a.schedule:
-            _schedules(res, name, layout, pairs, q, k, v, do, d, a.out, a.schedule.split(","))
+            _schedules(res, name, layout, pairs, q, k, v, do, d, a.out, a.schedule.split(","),
+                       a.fwd_only)
             continue
         sc = d ** -0.5
         out, lse = TL.forward(q, k, v, layout, True, sc, 0, 0)
@@ -136,10 +138,14 @@ SCHEDULES = {
     "dq-128x128x8x2": dict(dq=(128, 128, 8, 2)),
     "dq-64x128x8x2": dict(dq=(64, 128, 8, 2)),
     "dq-128x64x8x3": dict(dq=(128, 64, 8, 3)),
+    "fwd-plain": dict(fwd_fused=False, fwd_tma=False),
+    "fwd-fused": dict(fwd_fused=True, fwd_tma=False),
+    "fwd-tma": dict(fwd_fused=False, fwd_tma=True),
+    "fwd-fused-tma": dict(fwd_fused=True, fwd_tma=True),
 }
 
 
-def _schedules(res, name, layout, pairs, q, k, v, do, d, out_dir, names):
+def _schedules(res, name, layout, pairs, q, k, v, do, d, out_dir, names, fwd_only=False):
     sc = d ** -0.5
     base = None
     for label in names:
@@ -149,16 +155,17 @@ def _schedules(res, name, layout, pairs, q, k, v, do, d, out_dir, names):
                 fwd = lambda: TL.forward(q, k, v, layout, True, sc, 0, 0)
                 out, lse = fwd()
                 bwd = lambda: TL.backward(do, None, q, k, v, out, lse, layout, True, sc, 0, 0)
-                got = (out,) + tuple(bwd())
+                got = (out, lse) if fwd_only else (out,) + tuple(bwd())
                 if base is None:
                     base = got
                 row["max_rel_diff"] = max((g.float() - b.float()).abs().max().item() /
                                           max(b.float().abs().max().item(), 1e-30)
                                           for g, b in zip(got, base))
                 row["fwd_ms"] = triton.testing.do_bench(fwd, warmup=30, rep=150, return_mode="median")
-                row["bwd_ms"] = triton.testing.do_bench(bwd, warmup=30, rep=150, return_mode="median")
                 row["fwd_tflops"] = 4 * d * pairs / row["fwd_ms"] / 1e9
-                row["fwdbwd_ms"] = row["fwd_ms"] + row["bwd_ms"]
+                if not fwd_only:
+                    row["bwd_ms"] = triton.testing.do_bench(bwd, warmup=30, rep=150, return_mode="median")
+                    row["fwdbwd_ms"] = row["fwd_ms"] + row["bwd_ms"]
         except Exception as e:  # noqa: BLE001 - record and go on
             row["error"] = str(e).splitlines()[0][:200]
         res["rows"].append(row)

@@ -42,14 +42,18 @@ def test_bf16_fp16_forward_backward(name, kw, d, dtype):
 # the dk/dv kernel's other loop structures (the default splits them, masked loop unpipelined)
 # and merged key tiles (the default when a GQA group shares one pattern: with 4 KV heads here,
 # for bs < 64)
-# and every kernel's programs in grid order, or heaviest tiles first
+# and every kernel's programs in grid order, or heaviest tiles first; the forward's plain loop
+# (no folded scale, no TMA: the default uses both where it can) and its K/V seen through
+# a [B, H, N, D] buffer (no TMA there)
 STRATEGIES = [dict(dkdv_split=False), dict(dkdv_masked_stages=2), dict(merge_k=True),
-              dict(schedule="natural"), dict(schedule="lpt")]
+              dict(schedule="natural"), dict(schedule="lpt"), dict(fwd_fused=False, fwd_tma=False),
+              dict(transposed=True)]
 
 
 @pytest.mark.parametrize("name,kw", LAYOUTS, ids=[n for n, _ in LAYOUTS])
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=["one-loop", "masked-pipelined", "merge-k",
-                                                         "natural-order", "lpt-order"])
+                                                         "natural-order", "lpt-order",
+                                                         "plain-forward", "heads-apart"])
 def test_backward_strategies(name, kw, strategy):
     _check_forward_backward(kw, 128, torch.bfloat16, strategy, hkv=4 if "merge_k" in strategy else 2)
 
@@ -59,9 +63,14 @@ def _check_forward_backward(kw, d, dtype, strategy, hkv=2):
     kw = dict(kw)
     hq, nq, nk = 4, 1500, 2100
     layout = ss.local_stride(hq, kw.pop("block_size"), kw.pop("local_blocks"), kw.pop("vert_stride"), **kw)
-    q = torch.randn(2, nq, hq, d, device="cuda", dtype=dtype, requires_grad=True)
-    k = torch.randn(2, nk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
-    v = torch.randn(2, nk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
+    strategy = dict(strategy)
+    if strategy.pop("transposed", False):
+        def make(n, h):
+            return torch.randn(2, h, n, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+    else:
+        def make(n, h):
+            return torch.randn(2, n, h, d, device="cuda", dtype=dtype, requires_grad=True)
+    q, k, v = make(nq, hq), make(nk, hkv), make(nk, hkv)
     with triton_launch.kernel_config(poison=True, **strategy):
         out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True)
         ref, ref_lse = reference_attention(q, k, v, layout, dtype=torch.float32)

@@ -87,6 +87,11 @@ CASES = [
     (64, dict(schedule="natural"), True, 4, 2, 80, 64, 64, None, 0, torch.float16, "random", False),
     (16, dict(schedule="lpt"), False, 2, 2, 64, 150, 170, 10, 0, torch.float16, "random", True),
     (32, dict(schedule="lpt"), True, 4, 1, 32, 100, 230, None, 0, torch.float32, "hetero", False),
+    # the forward's unmasked loop without the folded scale and without TMA loads (the production
+    # cases above use both where the shapes allow), and TMA with query/key offsets
+    (128, dict(fwd_fused=False, fwd_tma=False), True, 2, 1, 64, 260, 260, None, 0, torch.float16, "hetero", False),
+    (64, dict(fwd_fused=True, fwd_tma=False, fwd=(64, 64, 4, 2)), True, 4, 2, 32, 130, 200, None, 70, torch.float32, "random", False),
+    (64, dict(fwd_tma=True, fwd=(64, 64, 4, 2)), True, 4, 2, 64, 100, 250, 120, 20, torch.float16, "hetero", False),
 ]
 
 
@@ -124,6 +129,50 @@ def test_forward_backward_against_reference(case):
         assert not torch.isnan(fast).any(), f"NaN in d{name}"
         scale = ref.abs().max().item() + 1e-6
         _bound(fast / scale, ref / scale, same / scale)
+
+
+@pytest.mark.parametrize("sm_scale", [-0.3, 0.0, 0.7])
+@pytest.mark.parametrize("fused", [True, False])
+def test_forward_any_scale_sign(sm_scale, fused):
+    """The folded-scale loop takes the row minimum for a negative scale; a zero scale is uniform."""
+    layout = ss.local_stride(2, 32, 2, 2)
+    q, k, v = _inputs(2, 128, 128, 2, 2, 32, torch.float32, False, seed=9)
+    with triton_launch.kernel_config(poison=True, fwd_fused=fused, fwd=(32, 32, 4, 2)):
+        out, lse = ss.sparse_attention(q, k, v, layout, sm_scale=sm_scale, return_lse=True,
+                                       backend="triton")
+    ref_out, ref_lse = reference_attention(q, k, v, layout, sm_scale=sm_scale)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
+
+
+def test_varlen_forward_negative_scale():
+    layout = ss.local_stride(2, 16, 2, 3)
+    lq = [40, 0, 23]
+    cu = torch.tensor([0, 40, 40, 63], dtype=torch.int32, device=DEV)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(sum(lq), 2, 32, generator=g).to(DEV) for _ in range(3))
+    with triton_launch.kernel_config(poison=True, fwd_fused=True):
+        out, lse = ss.sparse_attention_varlen(q, k, v, layout, cu, cu, 40, 40, sm_scale=-0.25,
+                                              return_lse=True, backend="triton")
+    ref_out, ref_lse = reference_attention_varlen(q, k, v, layout, cu, cu, sm_scale=-0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
+
+
+def test_tma_descriptors_only_where_the_strides_allow():
+    """TMA takes whole-unit steps of K/V seen as [B * N, H * D]; anything else falls back."""
+    b, n, h, d = 2, 64, 2, 32
+    k = torch.zeros(b, n, h, d, dtype=torch.float16)
+    tr = torch.zeros(b, h, n, d, dtype=torch.float16).transpose(1, 2)
+    with triton_launch.kernel_config(fwd_tma=True):
+        descs = triton_launch._tma_descriptors(k, k, 32, 32, d, 32, False)
+        assert descs is not None and [list(x.shape) for x in descs] == [[b * n, h * d]] * 2
+        assert triton_launch._tma_descriptors(tr, tr, 32, 32, d, 32, False) is None  # heads apart
+        assert triton_launch._tma_descriptors(k, k, 32, 32, d, 16, False) is None    # 2 units a step
+        assert triton_launch._tma_descriptors(k, k, 32, 32, d, 32, True) is None     # varlen
+        assert triton_launch._tma_descriptors(k[..., :24], k[..., :24], 32, 32, 24, 32, False) is None
+    with triton_launch.kernel_config(fwd_tma=False):
+        assert triton_launch._tma_descriptors(k, k, 32, 32, d, 32, False) is None
 
 
 def test_empty_rows_give_zero_and_minus_inf():

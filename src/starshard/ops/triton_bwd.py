@@ -8,7 +8,7 @@ minus the incoming gradient of lse, which is how gradients flow through lse.
 import triton
 import triton.language as tl
 
-from .triton_fwd import _load_rows, _program_ids, _row_offsets, _unit_rows
+from .triton_fwd import _full_kv, _load_rows, _masked_scores, _program_ids, _row_offsets, _unit_rows
 
 
 @triton.jit
@@ -106,13 +106,9 @@ def s2_bwd_dq_kernel(
 
     if nfull > 0:
         for e in range(0, nfull, G):
-            kpos, _ = _unit_rows(T_UNITS, toff + e, slot, within, offs_n, UNIT, G)
-            krow = kpos - ks
-            k_ok = krow < nk  # full entries are in bounds unless VARLEN
-            kk = _load_rows(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
-                            k_ok, d_ok, VARLEN, BLOCK_D == HEAD_D)
-            vv = _load_rows(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
-                            k_ok, d_ok, VARLEN, BLOCK_D == HEAD_D)
+            kk, vv, k_ok = _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, toff + e,
+                                    slot, within, offs_n, offs_d, d_ok, ks, nk, UNIT, G, INT64,
+                                    VARLEN, BLOCK_D == HEAD_D)
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
             if VARLEN:
                 s = tl.where(k_ok[None, :], s, float("-inf"))
@@ -124,19 +120,9 @@ def s2_bwd_dq_kernel(
         # not software-pipelined: with num_stages > 1 Triton 3.6 gives wrong results here on an
         # H100/H200 when a step gathers several units (benchmarks/NOTES.md)
         for e in tl.range(nfull, ntot, G, num_stages=1):
-            kpos, u_ok = _unit_rows(T_UNITS, toff + e, slot, within, offs_n, UNIT, G)
-            bits = tl.load(T_BITS + toff + e + slot)
-            krow = kpos - ks
-            k_ok = u_ok & (krow >= 0) & (krow < nk)
-            kk = tl.load(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
-                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            vv = tl.load(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
-                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
-            mk = (((bits[None, :] >> sub_r[:, None]) & 1) != 0) & k_ok[None, :]
-            if CAUSAL:
-                mk = mk & (kpos[None, :] <= pos_m[:, None])
-            s = tl.where(mk, s, float("-inf"))
+            s, kk, vv = _masked_scores(q, K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS,
+                                       T_BITS, toff + e, slot, within, offs_n, offs_d, d_ok, sub_r,
+                                       pos_m, ks, nk, sm_scale_log2, UNIT, G, CAUSAL, INT64, DOT_PREC)
             p = tl.exp2(s - lse2[:, None])
             dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])

@@ -67,18 +67,84 @@ def _program_ids(ORDER, n_prog_tiles, H, ORDERED: tl.constexpr):
 
 
 @triton.jit
+def _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, idx, slot, within, offs_n, offs_d,
+             d_ok, ks, nk, UNIT: tl.constexpr, G: tl.constexpr, INT64: tl.constexpr,
+             VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
+    """One unmasked step's K/V tiles (forward and dq) and which keys exist: a full entry is in
+    bounds unless the batch is packed (VARLEN)."""
+    kpos, _ = _unit_rows(T_UNITS, idx, slot, within, offs_n, UNIT, G)
+    krow = kpos - ks
+    k_ok = krow < nk
+    kk = _load_rows(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
+                    k_ok, d_ok, VARLEN, EVEN_D)
+    vv = _load_rows(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
+                    k_ok, d_ok, VARLEN, EVEN_D)
+    return kk, vv, k_ok
+
+
+@triton.jit
+def _masked_scores(q, K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS, idx, slot, within,
+                   offs_n, offs_d, d_ok, sub_r, pos_m, ks, nk, sm_scale_log2, UNIT: tl.constexpr,
+                   G: tl.constexpr, CAUSAL: tl.constexpr, INT64: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+    """One masked step (forward and dq): the K/V units listed at T_UNITS[idx] and the scaled
+    scores q @ k^T (base-2), -inf where the sub-block bits, causality or the bounds exclude a key."""
+    kpos, u_ok = _unit_rows(T_UNITS, idx, slot, within, offs_n, UNIT, G)
+    bits = tl.load(T_BITS + idx + slot)
+    krow = kpos - ks
+    k_ok = u_ok & (krow >= 0) & (krow < nk)
+    kk = tl.load(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
+                 mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    vv = tl.load(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
+                 mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
+    mk = (((bits[None, :] >> sub_r[:, None]) & 1) != 0) & k_ok[None, :]
+    if CAUSAL:
+        mk = mk & (kpos[None, :] <= pos_m[:, None])
+    return tl.where(mk, s, float("-inf")), kk, vv
+
+
+@triton.jit
+def _masked_steps(q, m_i, l_i, acc, K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS, toff,
+                  nfull, ntot, slot, within, offs_n, offs_d, d_ok, sub_r, pos_m, ks, nk,
+                  sm_scale_log2, UNIT: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
+                  INT64: tl.constexpr, DOT_PREC: tl.constexpr, FUSED: tl.constexpr):
+    """Online-softmax steps over the entries nfull..ntot, which need the sub-block bits,
+    causality and bounds."""
+    # not software-pipelined: with num_stages > 1 Triton 3.6 gives wrong results here on an
+    # H100/H200 when a step gathers several units, and it is no faster with one (benchmarks/NOTES.md)
+    for e in tl.range(nfull, ntot, G, num_stages=1):
+        s, kk, vv = _masked_scores(q, K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS,
+                                   toff + e, slot, within, offs_n, offs_d, d_ok, sub_r, pos_m, ks,
+                                   nk, sm_scale_log2, UNIT, G, CAUSAL, INT64, DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FUSED:
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(vv.dtype), vv, acc, input_precision=DOT_PREC)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def s2_fwd_kernel(
     Q, K, V, O, LSE,
     T_UNITS, T_BITS, T_NFULL, T_NTOT,
     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
     slb, slh, sln,
-    CU_Q, CU_K, ORDER,
+    CU_Q, CU_K, ORDER, DESC_K, DESC_V,
     Nq, Nk, q_start, k_start,
     H, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, m_first, n_prog_tiles,
     sm_scale_log2,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     INT64: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
+    FUSED: tl.constexpr, POS_SCALE: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_m, b, h = _program_ids(ORDER, n_prog_tiles, H, ORDERED)
     hk = h // KV_GROUP
@@ -141,51 +207,54 @@ def s2_fwd_kernel(
 
     if nfull > 0:
         for e in range(0, nfull, G):
-            kpos, _ = _unit_rows(T_UNITS, toff + e, slot, within, offs_n, UNIT, G)
-            krow = kpos - ks
-            k_ok = krow < nk  # full entries are in bounds unless VARLEN
-            kk = _load_rows(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
-                            k_ok, d_ok, VARLEN, BLOCK_D == HEAD_D)
-            vv = _load_rows(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
-                            k_ok, d_ok, VARLEN, BLOCK_D == HEAD_D)
-            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
-            if VARLEN:  # keys past this sequence's end: a whole row may be masked here
-                s = tl.where(k_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            if TMA:  # one unit per step, in bounds: whole K/V tiles by TMA (host checks strides)
+                u = tl.load(T_UNITS + toff + e)
+                r0 = b * Nk + u * UNIT - ks
+                kk = DESC_K.load([r0, hk * HEAD_D])
+                vv = DESC_V.load([r0, hk * HEAD_D])
+                k_ok = offs_n >= 0
             else:
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = m_new
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
-            m_i = m_new
+                kk, vv, k_ok = _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, toff + e,
+                                        slot, within, offs_n, offs_d, d_ok, ks, nk, UNIT, G, INT64,
+                                        VARLEN, BLOCK_D == HEAD_D)
+            if FUSED:  # the scale folded into one multiply-add per score; P @ V accumulates in place
+                qk = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC)
+                if VARLEN:
+                    qk = tl.where(k_ok[None, :], qk, float("inf") if not POS_SCALE else float("-inf"))
+                if POS_SCALE:
+                    m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
+                else:
+                    m_new = tl.maximum(m_i, tl.min(qk, 1) * sm_scale_log2)
+                if VARLEN:
+                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                else:
+                    m_use = m_new
+                p = tl.exp2(qk * sm_scale_log2 - m_use[:, None])
+                alpha = tl.exp2(m_i - m_use)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]
+                acc = tl.dot(p.to(vv.dtype), vv, acc, input_precision=DOT_PREC)
+                m_i = m_new
+            else:
+                s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
+                if VARLEN:  # keys past this sequence's end: a whole row may be masked here
+                    s = tl.where(k_ok[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                else:
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    m_use = m_new
+                alpha = tl.exp2(m_i - m_use)
+                p = tl.exp2(s - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+                m_i = m_new
 
     if ntot > nfull:
-        # not software-pipelined: with num_stages > 1 Triton 3.6 gives wrong results here on an
-        # H100/H200 when a step gathers several units (benchmarks/NOTES.md)
-        for e in tl.range(nfull, ntot, G, num_stages=1):
-            kpos, u_ok = _unit_rows(T_UNITS, toff + e, slot, within, offs_n, UNIT, G)
-            bits = tl.load(T_BITS + toff + e + slot)
-            krow = kpos - ks
-            k_ok = u_ok & (krow >= 0) & (krow < nk)
-            kk = tl.load(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
-                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            vv = tl.load(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
-                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
-            mk = (((bits[None, :] >> sub_r[:, None]) & 1) != 0) & k_ok[None, :]
-            if CAUSAL:
-                mk = mk & (kpos[None, :] <= pos_m[:, None])
-            s = tl.where(mk, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
-            m_i = m_new
+        m_i, l_i, acc = _masked_steps(
+            q, m_i, l_i, acc, K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS, toff,
+            nfull, ntot, slot, within, offs_n, offs_d, d_ok, sub_r, pos_m, ks, nk, sm_scale_log2,
+            UNIT, G, CAUSAL, INT64, DOT_PREC, FUSED)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -203,3 +272,4 @@ s2_fwd_kernel_varying = triton.jit(do_not_specialize=[
     "slb", "slh", "Nq", "Nk", "q_start", "k_start", "t0", "n_tab_tiles", "tab_len", "m_first",
     "n_prog_tiles",
 ])(s2_fwd_kernel.fn)
+
