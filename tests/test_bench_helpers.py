@@ -162,3 +162,10 @@ def test_opcount_model_limits():
     want = oc._cost(oc.LLAMA3_8B, oc.Rates(), 2 * b, 2 * oc.causal_pairs(b) + b * b)
     assert abs(once[3] - want) < 1e-9 * want
     assert oc.decode_step("star", n, 4) < oc.decode_step("dense", n, 1)
+
+
+def test_bench_model_load_rejects_zero_runs(capsys):
+    import bench_model_load
+    with pytest.raises(SystemExit):
+        bench_model_load.main(["--runs", "0"])
+    assert "--runs must be at least 1" in capsys.readouterr().err
