@@ -25,9 +25,9 @@ def add_demo_parser(sub, common):
         "demo", help="the main job: a small dense/star/ring evaluation and the S2 op's CPU speed",
         description="Load the embedded model, answer one retrieval task at two lengths with dense "
                     "attention, Star attention (4 blocks) and Ring attention (hosts simulated in "
-                    "this process), print the accuracy table with 95%% intervals, the plots' "
+                    "this process), print the accuracy table with 95% intervals, the plots' "
                     "location and an example answer per method; then time starshard's S2 sparse op "
-                    "on the CPU against dense SDPA. About 7 minutes on 2 CPU cores.")
+                    "on the CPU against dense SDPA. About 2-3 minutes on 2 CPU cores once the model is cached.")
     common(p)
     p.set_defaults(out=None)
     p.add_argument("--task", default="passkey", help="the retrieval task (default passkey)")
