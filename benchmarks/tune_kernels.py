@@ -142,6 +142,11 @@ SCHEDULES = {
     "fwd-fused": dict(fwd_fused=True, fwd_tma=False),
     "fwd-tma": dict(fwd_fused=False, fwd_tma=True),
     "fwd-fused-tma": dict(fwd_fused=True, fwd_tma=True),
+    "fwd-128x64x8x4": dict(fwd=(128, 64, 8, 4)),
+    "fwd-128x64x8x3": dict(fwd=(128, 64, 8, 3)),
+    "fwd-128x64x4x4": dict(fwd=(128, 64, 4, 4)),
+    "fwd-128x64x4x5": dict(fwd=(128, 64, 4, 5)),
+    "fwd-128x64x4x3": dict(fwd=(128, 64, 4, 3)),
 }
 
 
