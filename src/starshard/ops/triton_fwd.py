@@ -272,4 +272,3 @@ s2_fwd_kernel_varying = triton.jit(do_not_specialize=[
     "slb", "slh", "Nq", "Nk", "q_start", "k_start", "t0", "n_tab_tiles", "tab_len", "m_first",
     "n_prog_tiles",
 ])(s2_fwd_kernel.fn)
-
