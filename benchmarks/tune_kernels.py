@@ -130,6 +130,7 @@ SCHEDULES = {
     "natural": dict(schedule="natural"),
     "lpt": dict(schedule="lpt"),
     "dq-natural": dict(schedule_dq="natural"),
+    "fwd-lpt": dict(schedule_fwd="lpt"),
     "dkdv-natural": dict(schedule_dkdv="natural"),
     "fwd-128x128x8x2": dict(fwd=(128, 128, 8, 2)),
     "fwd-128x64x4x2": dict(fwd=(128, 64, 4, 2)),
@@ -147,6 +148,7 @@ SCHEDULES = {
     "fwd-128x64x4x4": dict(fwd=(128, 64, 4, 4)),
     "fwd-128x64x4x5": dict(fwd=(128, 64, 4, 5)),
     "fwd-128x64x4x3": dict(fwd=(128, 64, 4, 3)),
+    "fwd-128x128x8x3": dict(fwd=(128, 128, 8, 3)),
 }
 
 

@@ -212,7 +212,6 @@ def s2_fwd_kernel(
                 r0 = b * Nk + u * UNIT - ks
                 kk = DESC_K.load([r0, hk * HEAD_D])
                 vv = DESC_V.load([r0, hk * HEAD_D])
-                k_ok = offs_n >= 0
             else:
                 kk, vv, k_ok = _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, toff + e,
                                         slot, within, offs_n, offs_d, d_ok, ks, nk, UNIT, G, INT64,
