@@ -806,10 +806,34 @@ def test_tile_table_unit_errors_and_cache():
     assert tile_table(local_stride(2, 16, 1, 4), **kw) is a         # equal layouts share it
     b = tile_table(local_stride(2, 16, 1, 4, head_offset=1), **kw)
     assert b is not a and not torch.equal(a.bits, b.bits)
-    c = tile_table(lay, **{**kw, "q_range": (6, 300)})
-    assert c is not a
     ref = build_tile_table(lay, **kw)
     assert torch.equal(a.units, ref.units) and torch.equal(a.bits, ref.bits)
+    # ranges touching the same tiles and units (none newly whole) share the table ...
+    for q_range, k_range in [((6, 300), (0, 300)), ((0, 320), (0, 301)), ((63, 257), (0, 289))]:
+        assert tile_table(lay, **{**kw, "q_range": q_range, "k_range": k_range}) is a
+    # ... a range that makes the last unit whole, or reaches a new tile, does not
+    for q_range, k_range in [((5, 300), (0, 304)), ((5, 321), (0, 300)), ((64, 300), (0, 300))]:
+        assert tile_table(lay, **{**kw, "q_range": q_range, "k_range": k_range}) is not a
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from([(64, 16, 16), (64, 32, 64), (32, 16, 32), (16, 16, 16), (128, 64, 128)]),
+       st.booleans(), st.booleans(), st.booleans(), st.integers(0, 200), st.integers(0, 130),
+       st.integers(0, 200), st.integers(0, 130), st.integers(0, 10**6))
+def test_tile_table_cache_shares_only_identical_tables(shape, transpose, causal, exact, q_lo, q_n,
+                                                        k_lo, k_n, seed):
+    """Whatever ranges the cache maps to one entry, the table equals a fresh build for the exact
+    ranges asked for (decode steps reuse tables across lengths)."""
+    tile, unit, bs = shape
+    lay = BlockLayout.from_mask(_rand_mask((2, 12, 12), seed % 1000, p=0.5), bs)
+    kw = dict(transpose=transpose, tile=tile, unit=unit, group=1 + seed % 2, causal=causal,
+              exact_bounds=exact, device="cpu", q_range=(q_lo, q_lo + q_n),
+              k_range=(k_lo, k_lo + k_n))
+    got, ref = tile_table(lay, **kw), build_tile_table(lay, **kw)
+    assert (got.t0, got.tile, got.unit, got.sub, got.group) == (ref.t0, ref.tile, ref.unit,
+                                                                 ref.sub, ref.group)
+    for name in ("units", "bits", "nfull", "ntot"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -367,10 +367,32 @@ _TABLE_CACHE_SIZE = 64
 _TABLE_LOCK = threading.Lock()
 
 
+def _canonical_ranges(transpose, tile, unit, q_range, k_range):
+    """The one (q_range, k_range) standing for every pair of ranges that gives the same table:
+    the tile axis counts only which tiles it touches, the unit axis which units it touches and
+    which of them lie wholly inside. A decode step, one key further each call, then reuses the
+    table until it crosses a unit or tile boundary instead of building one per length."""
+    t_rng, u_rng = (k_range, q_range) if transpose else (q_range, k_range)
+    t_lo, t_hi = t_rng
+    if t_hi > t_lo:
+        t_rng = (t_lo // tile * tile, ((t_hi - 1) // tile + 1) * tile)
+    u_lo, u_hi = u_rng
+    if u_hi > u_lo:
+        if u_lo % unit:   # inside the first unit: it sticks out whatever the exact start
+            u_lo = u_lo // unit * unit + 1
+        if u_hi % unit:
+            u_hi = (u_hi // unit + 1) * unit - 1
+        u_rng = (u_lo, u_hi)
+    return (u_rng, t_rng) if transpose else (t_rng, u_rng)
+
+
 def tile_table(layout, *, transpose, tile, unit, group, q_range, k_range, causal, exact_bounds,
                device, merge=False):
-    """Cached :class:`TileTable` for ``layout`` (see :func:`build_tile_table`)."""
+    """Cached :class:`TileTable` for ``layout`` (see :func:`build_tile_table`); ranges that give
+    the same table share one entry."""
     device = torch.device(device)
+    if not merge:   # merged key tiles depend on the exact key range
+        q_range, k_range = _canonical_ranges(transpose, tile, unit, tuple(q_range), tuple(k_range))
     key = (layout.key, transpose, tile, unit, group, q_range, k_range, causal, exact_bounds,
            str(device), merge)
     with _TABLE_LOCK:

@@ -1,0 +1,112 @@
+"""Time S2 decode steps: one query a call, the KV one token longer each call.
+
+PYTHONPATH=src python benchmarks/bench_decode_step.py [--n 4k,32k] [--steps 128] [--out F]
+python benchmarks/bench_decode_step.py --device cpu --n 512 --steps 8 --heads 4 --kv-heads 2  # smoke
+
+Each step calls ``starshard.sparse_attention`` on a [1, 1, H, D] query against the first
+``n + i + 1`` keys (GQA, bf16 on a GPU), as a decoding loop does without a paged cache, and waits
+for the GPU at the end of the loop; the time per step includes building any layout table that
+step needs. Variants: "shared" (the library: lengths whose tables are identical share one),
+"per-length" (the table cache keyed by the exact lengths, as before the sharing), "cached" (the
+same lengths again, every table already built: the floor) and SDPA over all keys (dense, for
+scale). The last step's output is checked against ``backend='torch'``.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+import _common  # noqa: E402
+import starshard as ss  # noqa: E402
+from starshard import layouts as L  # noqa: E402
+
+LAYOUTS = {
+    "bs64_l16_s16": dict(block_size=64, local_blocks=16, vert_stride=16),
+    "bs128_l8_s16": dict(block_size=128, local_blocks=8, vert_stride=16),
+    "dense_bs64": dict(block_size=64, local_blocks=1, vert_stride=1),
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loop(fn, n, steps, device):
+    _sync(device)
+    t = time.perf_counter()
+    for i in range(steps):
+        out = fn(n + i + 1)
+    _sync(device)
+    return (time.perf_counter() - t) / steps * 1e3, out
+
+
+def run_case(name, n, steps, h, hkv, d, device, dtype):
+    spec = LAYOUTS[name]
+    lay = ss.local_stride(h, **spec, num_kv_heads=hkv)
+    g = torch.Generator(device=device).manual_seed(n)
+    k, v = (torch.randn(1, n + steps, hkv, d, device=device, dtype=dtype, generator=g)
+            for _ in range(2))
+    q = torch.randn(1, 1, h, d, device=device, dtype=dtype, generator=g)
+    step = lambda m: ss.sparse_attention(q, k[:, :m], v[:, :m], lay)  # noqa: E731
+    ss.sparse_attention(q, k[:, :n], v[:, :n], lay)   # compile outside the timing
+    rows = []
+    original = L._canonical_ranges
+    for variant in ("per-length", "shared", "cached"):
+        if variant != "cached":
+            L._TABLE_CACHE.clear()
+        if variant == "per-length":
+            L._canonical_ranges = lambda transpose, tile, unit, q_range, k_range: (q_range, k_range)
+        try:
+            ms, out = _loop(step, n, steps, device)
+        finally:
+            L._canonical_ranges = original
+        rows.append(dict(layout=name, n=n, steps=steps, variant=variant, ms_per_step=ms))
+    ref = ss.sparse_attention(q.float(), k[:, :n + steps].float(), v[:, :n + steps].float(), lay,
+                              backend="torch")
+    err = (out.float() - ref).abs().max().item()
+    for r in rows:
+        r["max_abs_err_last_step"] = err
+    sdpa = lambda m: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q.transpose(1, 2), k[:, :m].transpose(1, 2), v[:, :m].transpose(1, 2), enable_gqa=True)
+    _loop(sdpa, n, steps, device)   # warm-up: the first loops over a new shape run slower
+    ms, _ = _loop(sdpa, n, steps, device)
+    rows.append(dict(layout="sdpa dense", n=n, steps=steps, variant="sdpa", ms_per_step=ms))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", default="4k,32k", help="KV length at the first step (default 4k,32k)")
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--layouts", default="bs64_l16_s16,dense_bs64", help=", ".join(LAYOUTS))
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for name in a.layouts.split(","):
+        for n in _common.parse_sizes(a.n):
+            rows += run_case(name, n, a.steps, a.heads, a.kv_heads, a.head_dim, device, dtype)
+            for r in rows[-4:]:
+                print(r, flush=True)
+    res = dict(env=_common.env_info(), heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
+               dtype=str(dtype), rows=rows)
+    out = a.out or os.path.join(_common.RESULTS, "bench_decode_step.json")
+    _common.write_json(out, res)
+    print(_common.markdown_table(
+        ["layout", "N", "variant", "ms / step", "max abs err"],
+        [[r["layout"], _common.size_label(r["n"]), r["variant"], f"{r['ms_per_step']:.3f}",
+          _common.fmt(r.get("max_abs_err_last_step"), ".1e")] for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
