@@ -135,6 +135,38 @@ def test_long_sequence_bf16_rows_against_reference():
         _bound(out[:, rows], ref, same, 2e-3)
 
 
+@pytest.mark.parametrize("name,kw", [("dense", dict(block_size=64, local_blocks=1, vert_stride=1)),
+                                     ("bs64-l16-s16", dict(block_size=64, local_blocks=16, vert_stride=16))])
+def test_decode_split_k_bf16(name, kw):
+    """One query over 32k keys (GQA 32/8, bf16), split over keys (on its own for the dense
+    layout's 512 key steps, forced to 9 splits for the sparse one's 48): exact against the dense
+    reference; and a packed batch of such steps (enough programs not to split)."""
+    torch.manual_seed(4)
+    n, hq, hkv = 32768, 32, 8
+    layout = ss.local_stride(hq, **kw, num_kv_heads=hkv)
+    assert triton_launch._fwd_splits(16, hq, n // 64, torch.device("cuda", 0)) == 9
+    force = {} if name == "dense" else dict(fwd_splits=9)
+    q = torch.randn(1, 1, hq, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, n, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    with triton_launch.kernel_config(poison=True, **force):
+        out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, layout, dtype=torch.float32)
+    same, _ = reference_attention(q, k, v, layout, dtype=torch.bfloat16)
+    _bound(out, ref, same, 2e-3)
+    assert (lse - ref_lse).abs().max().item() < 1e-3
+    lk = [n, 1000, 0, 5000]
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    cu_q = torch.tensor([0, 1, 2, 2, 3], dtype=torch.int32, device="cuda")
+    kk = torch.randn(sum(lk), hkv, 128, device="cuda", dtype=torch.bfloat16)
+    vv = torch.randn_like(kk)
+    qq = torch.randn(3, hq, 128, device="cuda", dtype=torch.bfloat16)
+    with triton_launch.kernel_config(poison=True):   # 4 x 32 x 2 busy tiles: not split
+        out = ss.sparse_attention_varlen(qq, kk, vv, layout, cu_q, cu_k, 1, n)
+    ref, _ = reference_attention_varlen(qq, kk, vv, layout, cu_q, cu_k, dtype=torch.float32)
+    same, _ = reference_attention_varlen(qq, kk, vv, layout, cu_q, cu_k, dtype=torch.bfloat16)
+    _bound(out, ref, same, 2e-3)
+
+
 def test_int64_offsets_past_2_31_elements():
     """q/k/v of 2**31+ elements each: the kernels must index with int64."""
     free = torch.cuda.mem_get_info()[0]

@@ -307,6 +307,81 @@ def test_short_query_tiles(nq, causal):
     torch.testing.assert_close(dq.double(), ref_dq, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("nq,causal,splits,kind,offsets", [
+    (1, True, 3, "hetero", (None, 0)), (4, False, 2, "gqa_shared", (None, 0)),
+    (16, True, 5, "strided_only", (None, 0)), (1, True, 40, "random", (None, 0)),
+    (7, True, 4, "hetero", (230, 20))])
+def test_split_k_forward_backward(nq, causal, splits, kind, offsets):
+    """Split-K (each tile's key entries over several programs, partials merged by lse) is exact:
+    rows with no key (0, -inf), more splits than entries, query/key offsets, GQA, gradients."""
+    hq, hkv, d, nk = 4, 2, 32, 330
+    layout = _layout(kind, hq, hkv, 16, causal)
+    q, k, v = _inputs(2, nq, nk, hq, hkv, d, torch.float32, False, seed=nq + splits)
+    q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
+    kw = dict(causal=causal, q_start=offsets[0], k_start=offsets[1])
+    with triton_launch.kernel_config(poison=True, fwd_splits=splits):
+        out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True, backend="triton", **kw)
+    ref_out, ref_lse = reference_attention(q, k, v, layout, **kw)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin) and (lse[~fin] < 0).all()
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=2e-5, rtol=0)
+    g = torch.Generator().manual_seed(2)
+    w, wl = torch.randn(out.shape, generator=g).to(DEV), torch.randn(lse.shape, generator=g).to(DEV)
+
+    def loss(o, l):
+        return (o.double() * w).sum() + (torch.where(torch.isfinite(l), l, 0).double() * wl).sum()
+
+    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+    refs = torch.autograd.grad(loss(ref_out, ref_lse), (q, k, v))
+    for name, a, b in zip("qkv", grads, refs):
+        assert (a.double() - b).abs().max() <= 5e-5 + 1e-4 * b.abs().max(), name
+
+
+def test_split_k_varlen_decode_batch():
+    """A packed decode batch (one query per sequence, ragged and empty KV) split over keys."""
+    hq, hkv, d = 4, 2, 32
+    layout = ss.local_stride(hq, 16, 2, 3, num_kv_heads=hkv)
+    lq, lk = [1, 0, 1, 1, 1], [200, 0, 1, 330, 17]
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(sum(lq), hq, d, generator=g).to(DEV)
+    k = torch.randn(sum(lk), hkv, d, generator=g).to(DEV)
+    v = torch.randn(sum(lk), hkv, d, generator=g).to(DEV)
+    with triton_launch.kernel_config(poison=True, fwd_splits=3):
+        out, lse = ss.sparse_attention_varlen(q, k, v, layout, cu_q, cu_k, max(lq), max(lk),
+                                              return_lse=True, backend="triton")
+    ref_out, ref_lse = reference_attention_varlen(q, k, v, layout, cu_q, cu_k)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=2e-5, rtol=0)
+
+
+def test_split_k_policy():
+    """Only decode-sized (16-row tile) launches over long rows (>= 256 key steps) that leave
+    SMs idle split, within 1..64, each split keeping at least 32 steps; prefill and CPU
+    launches never split."""
+    gpu = torch.device("cuda", 0)
+    old = dict(triton_launch._SM_COUNT)
+    triton_launch._SM_COUNT[0] = 132
+    try:
+        f = triton_launch._fwd_splits
+        assert f(16, 32, 512, gpu) == 9            # 32 heads of one sequence, 32k keys: 2 waves
+        assert f(16, 32, 256, gpu) == 8            # at least 32 steps a split
+        assert f(16, 32, 255, gpu) == 1            # short rows: host-bound, not split
+        assert f(16, 1, 10**6, gpu) == 64          # capped
+        assert f(16, 132, 10**6, gpu) == 1         # the SMs are busy already
+        assert f(128, 32, 512, gpu) == 1           # prefill tiles
+        assert f(16, 32, 512, torch.device("cpu")) == 1
+        with triton_launch.kernel_config(fwd_splits=6):
+            assert f(128, 10**4, 1, torch.device("cpu")) == 6
+    finally:
+        triton_launch._SM_COUNT.clear()
+        triton_launch._SM_COUNT.update(old)
+
+
 def test_program_order_is_a_permutation_heaviest_first():
     lay = ss.local_stride(4, 16, 1, 3, causal=True, head_offset=1)
     tab = triton_launch._tables(lay, True, 32, 16, 16, (0, 300), (0, 300), True, False, "cpu")

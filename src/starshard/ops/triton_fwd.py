@@ -5,7 +5,9 @@ One program computes one query tile (BLOCK_M positions, aligned in position spac
 step gathers ``BLOCK_N // UNIT`` key units (each ``UNIT`` contiguous keys, anywhere in the
 sequence), so a tile may span several small query blocks (Merge-Q) and several scattered key
 blocks while every ``tl.dot`` stays full size. Entries before ``nfull`` need no mask; the rest
-apply the per-sub-block bits, causality and bounds.
+apply the per-sub-block bits, causality and bounds. With SPLIT (decode-sized launches over long
+rows) a tile's entries are shared out over several programs, each writing a partial (out, lse)
+that ``s2_merge_splits_kernel`` combines.
 """
 import triton
 import triton.language as tl
@@ -140,11 +142,11 @@ def s2_fwd_kernel(
     CU_Q, CU_K, ORDER, DESC_K, DESC_V,
     Nq, Nk, q_start, k_start,
     H, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, m_first, n_prog_tiles,
-    sm_scale_log2,
+    sm_scale_log2, n_splits, sos, sls,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     INT64: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
-    FUSED: tl.constexpr, POS_SCALE: tl.constexpr, TMA: tl.constexpr,
+    FUSED: tl.constexpr, POS_SCALE: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_m, b, h = _program_ids(ORDER, n_prog_tiles, H, ORDERED)
     hk = h // KV_GROUP
@@ -194,6 +196,22 @@ def s2_fwd_kernel(
     nfull = tl.load(T_NFULL + trow, mask=has_tab, other=0)
     ntot = tl.load(T_NTOT + trow, mask=has_tab, other=0)
     toff = trow * tab_len
+    if SPLIT:  # split-K: this program takes one of n_splits equal runs of the tile's entries
+        split = tl.program_id(2)
+        chunk = tl.cdiv(tl.cdiv(ntot, BLOCK_N // UNIT), n_splits) * (BLOCK_N // UNIT)
+        e_lo = split * chunk
+        e_hi = tl.minimum(e_lo + chunk, ntot)
+        f_lo = tl.minimum(e_lo, nfull)
+        f_hi = tl.minimum(e_hi, nfull)
+        g_lo = tl.maximum(e_lo, nfull)
+        g_hi = tl.maximum(e_hi, nfull)
+        base_o += split.to(tl.int64) * sos
+        base_l += split.to(tl.int64) * sls
+    else:
+        f_lo = 0
+        f_hi = nfull
+        g_lo = nfull
+        g_hi = ntot
 
     G: tl.constexpr = BLOCK_N // UNIT
     offs_n = tl.arange(0, BLOCK_N)
@@ -205,8 +223,8 @@ def s2_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    if nfull > 0:
-        for e in range(0, nfull, G):
+    if f_hi > f_lo:
+        for e in range(f_lo, f_hi, G):
             if TMA:  # one unit per step, in bounds: whole K/V tiles by TMA (host checks strides)
                 u = tl.load(T_UNITS + toff + e)
                 r0 = b * Nk + u * UNIT - ks
@@ -249,10 +267,10 @@ def s2_fwd_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
                 m_i = m_new
 
-    if ntot > nfull:
+    if g_hi > g_lo:
         m_i, l_i, acc = _masked_steps(
             q, m_i, l_i, acc, K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS, toff,
-            nfull, ntot, slot, within, offs_n, offs_d, d_ok, sub_r, pos_m, ks, nk, sm_scale_log2,
+            g_lo, g_hi, slot, within, offs_n, offs_d, d_ok, sub_r, pos_m, ks, nk, sm_scale_log2,
             UNIT, G, CAUSAL, INT64, DOT_PREC, FUSED)
 
     empty = l_i == 0.0
@@ -269,5 +287,32 @@ def s2_fwd_kernel(
 # divisible by 16). Prefill keeps the specialised kernel: 3% faster on an H100.
 s2_fwd_kernel_varying = triton.jit(do_not_specialize=[
     "slb", "slh", "Nq", "Nk", "q_start", "k_start", "t0", "n_tab_tiles", "tab_len", "m_first",
-    "n_prog_tiles",
+    "n_prog_tiles", "n_splits", "sos", "sls",
 ])(s2_fwd_kernel.fn)
+
+
+@triton.jit
+def s2_merge_splits_kernel(OP, LP, O, LSE, n_splits, H, NQ, HEAD_D: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge split-K partials: row r of OP [S, R, HEAD_D] (each normalised by its own sum) and
+    LP [S, R] (their lse) into O [R, HEAD_D] and LSE; rows are (outer, head) pairs, and the lse
+    of row r sits at (outer // NQ) * H * NQ + head * NQ + outer % NQ ([B, H, Nq] or [H, T])."""
+    r = tl.program_id(0)
+    R = tl.num_programs(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < n_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    lp = tl.load(LP + offs_s.to(tl.int64) * R + r, mask=s_ok, other=float("-inf"))
+    m = tl.max(lp, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lp - m_safe)
+    tot = tl.sum(w, 0)
+    op = tl.load(OP + (offs_s.to(tl.int64) * R + r)[:, None] * HEAD_D + offs_d[None, :],
+                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(op * w[:, None], 0) / tl.where(tot == 0.0, 1.0, tot)
+    tl.store(O + r.to(tl.int64) * HEAD_D + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    outer = r // H
+    head = r % H
+    lse = tl.where(tot == 0.0, float("-inf"), m_safe + tl.log(tl.where(tot == 0.0, 1.0, tot)))
+    tl.store(LSE + (outer // NQ).to(tl.int64) * H * NQ + head * NQ + outer % NQ, lse)

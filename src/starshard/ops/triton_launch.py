@@ -9,7 +9,7 @@ import triton
 
 from ..layouts import tile_table
 from .triton_bwd import s2_bwd_delta_kernel, s2_bwd_dkdv_kernel, s2_bwd_dq_kernel
-from .triton_fwd import s2_fwd_kernel, s2_fwd_kernel_varying
+from .triton_fwd import s2_fwd_kernel, s2_fwd_kernel_varying, s2_merge_splits_kernel
 
 _OVERRIDE: dict = {}
 
@@ -21,7 +21,8 @@ def kernel_config(**kw):
     unmasked and masked entries in two loops, or one loop with a branch), dkdv_masked_stages,
     merge_k (dk/dv key tiles grouped by attendance when blocks are smaller than the tile),
     schedule ("lpt": heaviest tiles first, or "natural": grid order; schedule_fwd, schedule_dq,
-    schedule_dkdv for one kernel), fwd_fused, fwd_tma (forward loop variants, see _FWD)."""
+    schedule_dkdv for one kernel), fwd_fused, fwd_tma (forward loop variants, see _FWD),
+    fwd_splits (split-K factor of the forward, see _fwd_splits)."""
     old = dict(_OVERRIDE)
     _OVERRIDE.update(kw)
     try:
@@ -247,21 +248,60 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     order = None if bm == 16 else _program_order(tab, hq, 1, tab_group, m_first, n_m, "fwd")
     descs = _tma_descriptors(k, v, bn, _block_d(d), d, tab.unit, varlen)
     fused = _fwd_variant("fused") and sm_scale != 0
+    busy_tiles = batch * hq * ((-(-max_q // bm) + 1) if varlen else n_m)
+    splits = _fwd_splits(bm, busy_tiles, tab.units.shape[-1] // max(1, bn // tab.unit), q.device)
+    grid = _grid(order, n_m, hq, batch)
+    o_dst, l_dst, so, split_strides = out, lse, _strides4(out, varlen), (0, 0)
+    if splits > 1:   # partials per split into fp32 buffers, rows (b, n, h) for both
+        rows = out.numel() // d
+        o_dst = torch.empty((splits,) + tuple(out.shape), dtype=torch.float32, device=q.device)
+        l_dst = torch.empty((splits, rows), dtype=torch.float32, device=q.device)
+        so = _strides4(o_dst[0], varlen)
+        sl = (0, 1, hq) if varlen else (nq * hq, 1, hq)
+        split_strides = (o_dst.stride(0), rows)
+        grid = grid + (splits,)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         kernel = s2_fwd_kernel_varying if bm == 16 else s2_fwd_kernel
-        kernel[_grid(order, n_m, hq, batch)](
-            q, k, v, out, lse, tab.units, tab.bits, tab.nfull, tab.ntot,
-            *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
+        kernel[grid](
+            q, k, v, o_dst, l_dst, tab.units, tab.bits, tab.nfull, tab.ntot,
+            *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *so,
             *sl, cu_q, cu_k, order if order is not None else tab.ntot,
             *(descs if descs is not None else (k, v)), nq, nk, qs, ks,
             hq, hq // hkv, tab_group, tab.t0, tab.num_tiles, tab.units.shape[-1], m_first, n_m,
-            sm_scale * 1.4426950408889634,
+            sm_scale * 1.4426950408889634, splits, *split_strides,
             HEAD_D=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, UNIT=tab.unit, SUB=tab.sub,
             CAUSAL=causal, VARLEN=varlen, INT64=_needs_int64(q, k, v),
             DOT_PREC=_dot_precision(q.dtype), ORDERED=order is not None,
-            FUSED=fused, POS_SCALE=sm_scale > 0, TMA=descs is not None,
+            FUSED=fused, POS_SCALE=sm_scale > 0, TMA=descs is not None, SPLIT=splits > 1,
             num_warps=warps, num_stages=stages)
+        if splits > 1:
+            s2_merge_splits_kernel[(l_dst.shape[1],)](
+                o_dst, l_dst, out, lse, splits, hq, q.shape[0] if varlen else nq,
+                HEAD_D=d, BLOCK_D=_block_d(d), BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
     return out, lse
+
+
+_SM_COUNT = {}
+
+
+def _fwd_splits(bm, busy_tiles, key_steps, device):
+    """Split-K factor of a forward launch: decode-sized calls (16-row tiles) whose programs
+    would leave most SMs idle and whose longest tile walks ``key_steps`` >= 256 key steps split
+    each tile's entries over several programs, then merge. Shorter rows stay whole: their step
+    is bound by the host (~0.2 ms on an H200), and the merge would only add a launch.
+    ``kernel_config(fwd_splits=N)`` forces N."""
+    forced = _OVERRIDE.get("fwd_splits")
+    if forced is not None:
+        return max(1, int(forced))
+    if bm != 16 or device.type != "cuda":
+        return 1
+    sms = _SM_COUNT.get(device.index)
+    if sms is None:
+        sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    if busy_tiles >= sms or key_steps < 256:
+        return 1
+    # about two waves of programs, each at least 32 key steps, at most 64 partials a row
+    return max(1, min(-(-2 * sms // busy_tiles), key_steps // 32, 64))
 
 
 def backward(do, dlse, q, k, v, out, lse, layout, causal, sm_scale, q_start, k_start, *,
