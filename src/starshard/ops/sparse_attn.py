@@ -112,20 +112,30 @@ def _(q, k, v, layout_id, causal, sm_scale, q_start, k_start, backend):
 
 
 def _torch_grads(fn, q, k, v, do, dlse):
-    """CPU backward: recompute the blockwise forward under autograd (runs in the autograd
-    formula itself, since autograd is off inside a custom op's implementation)."""
-    with torch.enable_grad():
-        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out, lse = fn(qq, kk, vv)
-        outs, grads = [out], [do]
-        if dlse is not None:
-            outs.append(lse)
-            grads.append(dlse.to(lse.dtype))
-        dq, dk, dv = torch.autograd.grad(outs, (qq, kk, vv), grads, allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g for g, t in ((dq, q), (dk, k), (dv, v)))
+    """CPU backward: the vector-Jacobian product of the blockwise forward, recomputed with
+    ``torch.func.vjp`` (which works inside a custom op, where autograd is off), so that compiled
+    graphs see one opaque backward op."""
+    (out, lse), vjp = torch.func.vjp(fn, q, k, v)
+    dl = torch.zeros_like(lse) if dlse is None else dlse.to(lse.dtype)
+    return tuple(g.contiguous() for g in vjp((do.to(out.dtype), dl)))
 
 
-# the backward ops serve the Triton backend; the CPU backward runs in the autograd formula
+@torch.library.custom_op("starshard::sparse_attn_bwd_torch", mutates_args=())
+def _sparse_attn_bwd_torch(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                           layout_id: int, causal: bool, sm_scale: float, q_start: int,
+                           k_start: int) -> tuple[Tensor, Tensor, Tensor]:
+    from .torch_blockwise import blockwise_attention
+    layout = layout_from_handle(layout_id)
+    return _torch_grads(lambda a, b, c: blockwise_attention(
+        a, b, c, layout, causal=causal, sm_scale=sm_scale, q_start=q_start, k_start=k_start),
+        q, k, v, do, dlse)
+
+
+@_sparse_attn_bwd_torch.register_fake
+def _(do, dlse, q, k, v, layout_id, causal, sm_scale, q_start, k_start):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 @torch.library.custom_op("starshard::sparse_attn_bwd", mutates_args=())
 def _sparse_attn_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                      out: Tensor, lse: Tensor, layout_id: int, causal: bool, sm_scale: float,
@@ -153,11 +163,8 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     lid, causal, sm_scale, q_start, k_start, backend = ctx.args
     if backend == "torch":
-        from .torch_blockwise import blockwise_attention
-        layout = layout_from_handle(lid)
-        dq, dk, dv = _torch_grads(lambda a, b_, c: blockwise_attention(
-            a, b_, c, layout, causal=causal, sm_scale=sm_scale, q_start=q_start, k_start=k_start),
-            q, k, v, dout, dlse)
+        dq, dk, dv = _sparse_attn_bwd_torch(dout, dlse, q, k, v, lid, causal, sm_scale, q_start,
+                                            k_start)
     else:
         dq, dk, dv = _sparse_attn_bwd(dout, dlse, q, k, v, out, lse, lid, causal, sm_scale,
                                       q_start, k_start)
@@ -194,6 +201,23 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, layout_id, causal, sm_scale, backend):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
+@torch.library.custom_op("starshard::sparse_attn_varlen_bwd_torch", mutates_args=())
+def _sparse_attn_varlen_bwd_torch(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor,
+                                  v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                                  layout_id: int, causal: bool,
+                                  sm_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from .torch_blockwise import blockwise_attention_varlen
+    layout = layout_from_handle(layout_id)
+    return _torch_grads(lambda a, b, c: blockwise_attention_varlen(
+        a, b, c, layout, cu_q, cu_k, max_q, max_k, causal=causal, sm_scale=sm_scale),
+        q, k, v, do, dlse)
+
+
+@_sparse_attn_varlen_bwd_torch.register_fake
+def _(do, dlse, q, k, v, cu_q, cu_k, max_q, max_k, layout_id, causal, sm_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 @torch.library.custom_op("starshard::sparse_attn_varlen_bwd", mutates_args=())
 def _sparse_attn_varlen_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                             out: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
@@ -223,11 +247,8 @@ def _backward_varlen(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     max_q, max_k, lid, causal, sm_scale, backend = ctx.args
     if backend == "torch":
-        from .torch_blockwise import blockwise_attention_varlen
-        layout = layout_from_handle(lid)
-        dq, dk, dv = _torch_grads(lambda a, b_, c: blockwise_attention_varlen(
-            a, b_, c, layout, cu_q, cu_k, max_q, max_k, causal=causal, sm_scale=sm_scale),
-            q, k, v, dout, dlse)
+        dq, dk, dv = _sparse_attn_varlen_bwd_torch(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k,
+                                                   lid, causal, sm_scale)
     else:
         dq, dk, dv = _sparse_attn_varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q,
                                              max_k, lid, causal, sm_scale)

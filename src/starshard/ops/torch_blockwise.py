@@ -5,7 +5,7 @@ For a chunk of query blocks, the key blocks each head attends are gathered from 
 those blocks only and the exact token-level mask is applied (causality, sequence bounds, negative
 query positions, partial first/last blocks when ``q_start``/``k_start`` are not block-aligned).
 Memory is O(N x attended keys). Softmax runs in fp32 (float64 for float64 inputs). Everything is
-plain torch, so autograd differentiates it (q, k, v and through lse).
+plain torch, so autograd and ``torch.func`` differentiate it (q, k, v and through lse).
 
 Under GQA, query head h reads KV head ``h // (Hq // Hkv)``. When every query head of a group has
 the same block lists (``num_kv_heads`` or ``homo_head`` layouts, MQA with a shared pattern), each
@@ -89,13 +89,16 @@ class _SoftmaxLse(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s):
-        ctx.set_materialize_grads(False)
+    def forward(s):
         p = torch.softmax(s, dim=-1)
         a = s.argmax(-1, keepdim=True)
         lse = s.gather(-1, a) - torch.log(p.gather(-1, a))
-        ctx.save_for_backward(p)
         return p, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):   # this form also runs under torch.func transforms
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(output[0])
 
     @staticmethod
     def backward(ctx, gp, glse):
