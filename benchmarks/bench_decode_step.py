@@ -2,6 +2,7 @@
 
 PYTHONPATH=src python benchmarks/bench_decode_step.py [--n 4k,32k] [--steps 128] [--out F]
 python benchmarks/bench_decode_step.py --device cpu --n 512 --steps 8 --heads 4 --kv-heads 2  # smoke
+TRITON_INTERPRET=1 python benchmarks/bench_decode_step.py --host-only   # host time a call, CPU
 
 Each step calls ``starshard.sparse_attention`` on a [1, 1, H, D] query against the first
 ``n + i + 1`` keys (GQA, bf16 on a GPU), as a decoding loop does without a paged cache, and waits
@@ -10,6 +11,10 @@ step needs. Variants: "shared" (the library: lengths whose tables are identical 
 "per-length" (the table cache keyed by the exact lengths, as before the sharing), "cached" (the
 same lengths again, every table already built: the floor) and SDPA over all keys (dense, for
 scale). The last step's output is checked against ``backend='torch'``.
+
+``--host-only`` times the host side of a step on the CPU: the Triton backend with the kernel
+launches stubbed out, as an inference call (no autograd: the op skips the custom-op dispatch)
+and as a call whose query requires grad (through the registered custom op).
 """
 import argparse
 import os
@@ -79,6 +84,31 @@ def run_case(name, n, steps, h, hkv, d, device, dtype):
     return rows
 
 
+def host_only(a):
+    from starshard.ops import triton_launch as TL
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--host-only needs TRITON_INTERPRET=1 (the Triton backend on CPU tensors)")
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: None
+
+    TL.s2_fwd_kernel = TL.s2_fwd_kernel_varying = TL.s2_merge_splits_kernel = _NoLaunch()
+    n, steps = _common.parse_sizes(a.n)[0], a.steps
+    lay = ss.local_stride(a.heads, 64, 16, 16, num_kv_heads=a.kv_heads)
+    k, v = (torch.randn(1, n + 2 * steps, a.kv_heads, a.head_dim, dtype=torch.float16)
+            for _ in range(2))
+    rows = []
+    for label, grad in (("inference (direct)", False), ("q requires grad (custom op)", True)):
+        q = torch.randn(1, 1, a.heads, a.head_dim, dtype=torch.float16, requires_grad=grad)
+        step = lambda m: ss.sparse_attention(q, k[:, :m], v[:, :m], lay, backend="triton")  # noqa: E731
+        _loop(step, n, steps, torch.device("cpu"))
+        ms, _ = _loop(step, n + steps, steps, torch.device("cpu"))
+        rows.append(dict(call=label, n=n, us_per_call=ms * 1e3))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", default="4k,32k", help="KV length at the first step (default 4k,32k)")
@@ -89,7 +119,12 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
+    p.add_argument("--host-only", action="store_true", help="host time a call, kernels stubbed (CPU)")
     a = p.parse_args()
+    if a.host_only:
+        res = dict(env=_common.env_info(), rows=host_only(a))
+        _common.write_json(a.out or os.path.join(_common.RESULTS, "bench_decode_host.json"), res)
+        return
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []

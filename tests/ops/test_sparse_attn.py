@@ -154,3 +154,33 @@ def test_cpu_path_varlen_compiles_backward():
                               .square().sum(), (qd, kd, vd))
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+def test_calls_without_autograd_skip_the_custom_op_dispatch(monkeypatch):
+    """Inference calls run the implementation directly (less host time a decode step); calls
+    that record gradients, fake tensors and compiled graphs go through the registered ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from starshard.ops import sparse_attn as SA
+    q, k, v = _qkv(b=2, nq=30, nk=50, seed=5)
+    want, want_lse = ss.sparse_attention(q, k, v, LAYOUT, return_lse=True)
+
+    def refuse(*a, **kw):
+        raise AssertionError("went through the custom op")
+
+    monkeypatch.setattr(SA, "_sparse_attn_fwd", refuse)
+    monkeypatch.setattr(SA, "_sparse_attn_varlen_fwd", refuse)
+    with torch.no_grad():
+        out, lse = ss.sparse_attention(q, k, v, LAYOUT, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    cu = torch.tensor([0, 30], dtype=torch.int32)
+    cuk = torch.tensor([0, 50], dtype=torch.int32)
+    outv = ss.sparse_attention_varlen(q[0], k[0], v[0], LAYOUT, cu, cuk, 30, 50)
+    assert torch.equal(outv, want[0])
+    with pytest.raises(AssertionError, match="custom op"):
+        ss.sparse_attention(q.requires_grad_(True), k, v, LAYOUT)
+    monkeypatch.undo()
+    plain = [t.detach() for t in (q, k, v)]
+    with FakeTensorMode() as mode:   # shape inference runs the op's fake implementation
+        fq, fk, fv = (mode.from_tensor(t) for t in plain)
+        fo, fl = ss.sparse_attention(fq, fk, fv, LAYOUT, return_lse=True)
+    assert fo.shape == q.shape and fl.shape == (2, 4, 30)

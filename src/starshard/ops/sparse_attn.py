@@ -2,7 +2,8 @@
 
 Both backends sit behind ``torch.library.custom_op`` so ``torch.compile(fullgraph=True)``
 traces through them. The layout travels into the op as an int handle (custom ops take tensors
-and scalars only).
+and scalars only). Eager calls that build no autograd graph (inference, decode steps) skip the
+custom-op dispatch, which costs more host time than the rest of a decode step's launch.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..layouts import BlockLayout, layout_from_handle
 
@@ -260,6 +262,24 @@ _sparse_attn_varlen_fwd.register_autograd(_backward_varlen, setup_context=_setup
 
 # ---- public functions -------------------------------------------------------------------------
 
+_MODE_KEYS = tuple(torch._C._TorchDispatchModeKey.__members__.values())   # fake, proxy, functional
+
+
+def _direct(*tensors):
+    """True where the op can run its implementation without the custom-op dispatch: eager, no
+    gradient to record, plain CPU/CUDA tensors and no dispatch mode (fake tensors, tracing,
+    functorch transforms all go through the registered op)."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or any(
+            torch._C._get_dispatch_mode(key) is not None for key in _MODE_KEYS):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if (type(t) is not torch.Tensor or t.device.type not in ("cpu", "cuda")
+                or (grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+            return False
+    return True
+
+
 def sparse_attention(q, k, v, layout, *, causal=True, sm_scale=None, return_lse=False,
                      q_start=None, k_start=0, backend=None):
     """Per-head block-sparse attention.
@@ -289,8 +309,8 @@ def sparse_attention(q, k, v, layout, *, causal=True, sm_scale=None, return_lse=
     layout.check_positions(max(q_start + nq, 0), k_start + nk)
     backend = _resolve_backend(backend, q.device, q.dtype)
     sm_scale = _scale(sm_scale, q.shape[-1])
-    out, lse = _sparse_attn_fwd(q, k, v, layout.handle, causal, sm_scale, q_start,
-                                k_start, backend)
+    op = _run_fwd if _direct(q, k, v) else _sparse_attn_fwd
+    out, lse = op(q, k, v, layout.handle, causal, sm_scale, q_start, k_start, backend)
     return (out, lse) if return_lse else out
 
 
@@ -325,7 +345,7 @@ def sparse_attention_varlen(q, k, v, layout, cu_seqlens_q, cu_seqlens_k, max_seq
     layout.check_positions(max_seqlen_k, max_seqlen_k)
     backend = _resolve_backend(backend, q.device, q.dtype)
     sm_scale = _scale(sm_scale, q.shape[-1])
-    out, lse = _sparse_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                       max_seqlen_k, layout.handle, causal, sm_scale,
-                                       backend)
+    op = _run_fwd_varlen if _direct(q, k, v, cu_seqlens_q, cu_seqlens_k) else _sparse_attn_varlen_fwd
+    out, lse = op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layout.handle,
+                  causal, sm_scale, backend)
     return (out, lse) if return_lse else out
