@@ -169,3 +169,27 @@ def test_bench_model_load_rejects_zero_runs(capsys):
     with pytest.raises(SystemExit):
         bench_model_load.main(["--runs", "0"])
     assert "--runs must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_decode_step_runs_on_the_cpu(tmp_path):
+    """The decode-step benchmark's script end to end on tiny CPU shapes (the torch backend, so
+    this checks the script, not the kernels): every variant timed; and its --host-only mode
+    (Triton backend, launches stubbed)."""
+    import json
+    import os
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode_step.py"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    small = ["--n", "300", "--steps", "3", "--heads", "4", "--kv-heads", "2", "--head-dim", "32"]
+    out = tmp_path / "steps.json"
+    subprocess.run([sys.executable, str(script), "--device", "cpu", "--layouts", "bs64_l16_s16",
+                    *small, "--out", str(out)], check=True, env=env, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["per-length", "shared", "cached", "sdpa"]
+    assert all(r["ms_per_step"] > 0 for r in rows) and "max_abs_err_last_step" in rows[0]
+    out = tmp_path / "host.json"
+    subprocess.run([sys.executable, str(script), "--host-only", *small, "--out", str(out)],
+                   check=True, env=env, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["call"] for r in rows] == ["inference (direct)", "q requires grad (custom op)"]
+    assert all(r["us_per_call"] > 0 for r in rows)
