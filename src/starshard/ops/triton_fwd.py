@@ -196,9 +196,11 @@ def s2_fwd_kernel(
     nfull = tl.load(T_NFULL + trow, mask=has_tab, other=0)
     ntot = tl.load(T_NTOT + trow, mask=has_tab, other=0)
     toff = trow * tab_len
+
+    G: tl.constexpr = BLOCK_N // UNIT
     if SPLIT:  # split-K: this program takes one of n_splits equal runs of the tile's entries
         split = tl.program_id(2)
-        chunk = tl.cdiv(tl.cdiv(ntot, BLOCK_N // UNIT), n_splits) * (BLOCK_N // UNIT)
+        chunk = tl.cdiv(tl.cdiv(ntot, G), n_splits) * G
         e_lo = split * chunk
         e_hi = tl.minimum(e_lo + chunk, ntot)
         f_lo = tl.minimum(e_lo, nfull)
@@ -213,7 +215,6 @@ def s2_fwd_kernel(
         g_lo = nfull
         g_hi = ntot
 
-    G: tl.constexpr = BLOCK_N // UNIT
     offs_n = tl.arange(0, BLOCK_N)
     slot = offs_n // UNIT
     within = offs_n % UNIT
@@ -308,11 +309,12 @@ def s2_merge_splits_kernel(OP, LP, O, LSE, n_splits, H, NQ, HEAD_D: tl.constexpr
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lp - m_safe)
     tot = tl.sum(w, 0)
+    tot_safe = tl.where(tot == 0.0, 1.0, tot)
     op = tl.load(OP + (offs_s.to(tl.int64) * R + r)[:, None] * HEAD_D + offs_d[None, :],
                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(op * w[:, None], 0) / tl.where(tot == 0.0, 1.0, tot)
+    out = tl.sum(op * w[:, None], 0) / tot_safe
     tl.store(O + r.to(tl.int64) * HEAD_D + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
     outer = r // H
     head = r % H
-    lse = tl.where(tot == 0.0, float("-inf"), m_safe + tl.log(tl.where(tot == 0.0, 1.0, tot)))
+    lse = tl.where(tot == 0.0, float("-inf"), m_safe + tl.log(tot_safe))
     tl.store(LSE + (outer // NQ).to(tl.int64) * H * NQ + head * NQ + outer % NQ, lse)
