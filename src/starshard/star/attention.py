@@ -96,8 +96,16 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def _cpu_flash_partial(q, k, v, scale, causal):
-    h, hkv = q.shape[2], k.shape[2]
+    b, nq, h, d = q.shape
+    hkv = k.shape[2]
     qt, kt, vt = (t.float().transpose(1, 2) for t in (q, k, v))
+    if h != hkv and not causal:
+        # GQA without copying K/V: a key head's query heads become more rows of one head
+        g = h // hkv
+        qg = qt.reshape(b, hkv, g * nq, d)
+        out, lse = _CPU_FLASH(qg, kt, vt, 0.0, False, scale=scale)
+        out = out.reshape(b, h, nq, vt.shape[-1])
+        return out.transpose(1, 2).to(q.dtype), lse.reshape(b, h, nq).float()
     if h != hkv:
         kt, vt = kt.repeat_interleave(h // hkv, 1), vt.repeat_interleave(h // hkv, 1)
     out, lse = _CPU_FLASH(qt, kt, vt, 0.0, bool(causal), scale=scale)
