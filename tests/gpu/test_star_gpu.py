@@ -34,21 +34,22 @@ def test_ring_and_one_block_star_equal_dense_in_bf16():
 
 
 def test_decode_over_a_long_segment_splits_the_keys(monkeypatch):
-    """9000 context tokens: the query step's partial over the context runs split into batched
-    chunks of keys; its logits match the unsplit path's within bf16 noise."""
-    from starshard.star import attention
-    model = tiny_llama(1, layers=2, hidden=256, heads=4, kv_heads=2, max_positions=16384)
+    """17000 context tokens: the query step's partial over the context runs the forward with its
+    keys split over several programs (split-K); its logits match the unsplit kernel's within
+    bf16 noise."""
+    from starshard.ops import triton_launch
+    model = tiny_llama(1, layers=2, hidden=256, heads=4, kv_heads=2, max_positions=32768)
     model = model.to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(1)
-    ctx = torch.randint(0, 97, (9000,), generator=g)
+    ctx = torch.randint(0, 97, (17000,), generator=g)
     q = torch.randint(0, 97, (5,), generator=g)
-    calls = []
-    split = attention._split_partial
-    monkeypatch.setattr(attention, "_split_partial", lambda *a: calls.append(1) or split(*a))
+    splits = []
+    pick = triton_launch._fwd_splits
+    monkeypatch.setattr(triton_launch, "_fwd_splits", lambda *a: splits.append(pick(*a)) or splits[-1])
     fast = _logits(StarEngine(model, method="dense"), ctx, q)
-    assert calls, "the split path did not run"
-    monkeypatch.setattr(attention, "_SPLIT_MAX_Q", 0)
-    plain = _logits(StarEngine(model, method="dense"), ctx, q)
+    assert max(splits) > 1, "no forward call split its keys"
+    with triton_launch.kernel_config(fwd_splits=1):
+        plain = _logits(StarEngine(model, method="dense"), ctx, q)
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
         stock = model(torch.cat([ctx, q])[None].cuda(), use_cache=False).logits[0, -1].float().cpu()

@@ -145,6 +145,27 @@ def test_forward_any_scale_sign(sm_scale, fused):
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("trend", ["growing", "shrinking"])
+def test_forward_running_max_moves(fused, trend):
+    """Scores that grow along the keys (the running max moves by thousands over a row: every
+    step must rescale what it has) or shrink (the first step holds the max)."""
+    layout = ss.local_stride(2, 32, 8, 1)
+    # fp16: p is rounded to the value dtype, so a missed rescale overflows (2^16) and shows
+    q, k, v = _inputs(1, 256, 256, 2, 2, 32, torch.float16, False, seed=5)
+    grow = 1 + torch.arange(256, dtype=torch.float32, device=DEV) / 8
+    k = (k.float() * (grow if trend == "growing" else grow.flip(0))[None, :, None, None]).half()
+    with triton_launch.kernel_config(poison=True, fwd_fused=fused, fwd=(32, 32, 4, 2)):
+        out, lse = ss.sparse_attention(q, k, v, layout, sm_scale=1.0, return_lse=True,
+                                       backend="triton")
+    ref_out, ref_lse = reference_attention(q, k, v, layout, sm_scale=1.0)
+    s = torch.einsum("qhd,khd->hqk", q[0].double(), k[0].double())   # the last rows see every key
+    first, whole = s[:, -32:, :32].amax(-1), s[:, -32:, :].amax(-1)
+    assert ((whole - first) > 16 * math.log(2)).all() == (trend == "growing")
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-3, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-5)
+
+
 def test_varlen_forward_negative_scale():
     layout = ss.local_stride(2, 16, 2, 3)
     lq = [40, 0, 23]

@@ -82,9 +82,8 @@ def _partial(q, k, v, scale, *, causal, q_start, k_start):
         return _cpu_flash_partial(q, k, v, scale, causal)
     if q.device.type == "cpu" and q.shape[1] * k.shape[1] * q.shape[2] <= _DIRECT_SCORES:
         return _direct_partial(q, k, v, scale, causal, q_start, k_start)
-    if (q.shape[1] <= _SPLIT_MAX_Q and k.shape[1] >= 2 * _SPLIT_CHUNK
-            and (not causal or q_start >= k_start + k.shape[1] - 1)):
-        return _split_partial(q, k, v, scale)
+    # the op; a decode step over a long segment it splits over several programs itself (faster
+    # on an H200 than cutting the keys into chunks here: benchmarks/NOTES.md)
     return sparse_attention(q, k, v, _dense_layout(q.shape[2]), causal=causal, sm_scale=scale,
                             return_lse=True, q_start=q_start, k_start=k_start)
 
@@ -124,38 +123,6 @@ def _direct_partial(q, k, v, scale, causal, q_start, k_start):
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
     out = torch.einsum("bkgqs,bskd->bqkgd", p, v.float()).reshape(b, nq, h, v.shape[-1])
     return out.to(q.dtype), lse.reshape(b, h, nq)
-
-
-# A few queries (a decode step) over a long segment: one program per (query tile, head) would
-# leave most of the GPU idle, so the keys are cut into chunks that run as a batch (flash-decoding)
-# and the chunk partials are merged.
-_SPLIT_MAX_Q = 16
-_SPLIT_CHUNK = 4096
-
-
-def _split_partial(q, k, v, scale):
-    """Non-causal partial of a few queries over every key, the keys split into batched chunks."""
-    b, nq, h, d = q.shape
-    n, hkv = k.shape[1], k.shape[2]
-    c = n // _SPLIT_CHUNK
-    head = c * _SPLIT_CHUNK
-    outs, lses = [], []
-    for i in range(b):   # chunks of one sequence are views: [c, chunk, Hkv, D]
-        kk = k[i, :head].reshape(c, _SPLIT_CHUNK, hkv, k.shape[-1])
-        vv = v[i, :head].reshape(c, _SPLIT_CHUNK, hkv, v.shape[-1])
-        qq = q[i:i + 1].expand(c, nq, h, d)
-        o, l = sparse_attention(qq, kk, vv, _dense_layout(h), causal=False, sm_scale=scale,
-                                return_lse=True, q_start=0)
-        if head < n:
-            o2, l2 = sparse_attention(q[i:i + 1], k[i:i + 1, head:], v[i:i + 1, head:],
-                                      _dense_layout(h), causal=False, sm_scale=scale,
-                                      return_lse=True, q_start=0)
-            o, l = torch.cat([o, o2]), torch.cat([l, l2])
-        lse = torch.logsumexp(l, 0)                                    # [H, nq]
-        w = torch.exp(l - torch.where(torch.isfinite(lse), lse, 0.0))  # [c, H, nq]
-        outs.append((o.float() * w.permute(0, 2, 1).unsqueeze(-1)).sum(0).to(q.dtype))
-        lses.append(lse)
-    return torch.stack(outs), torch.stack(lses)
 
 
 def _empty_partial(q):

@@ -1,25 +1,9 @@
-"""The decode path's split-KV partial (keys cut into batched chunks, then merged) against the
-plain softmax partial: same output and log-sum-exp."""
+"""The Star attention partials on the CPU (out and log-sum-exp of queries over one KV segment)
+against a float64 softmax."""
 import pytest
 import torch
 
 from starshard.star import attention
-
-
-@pytest.mark.parametrize("n,chunk", [(300, 64), (256, 64), (130, 64)])
-def test_split_partial_equals_plain_softmax(monkeypatch, n, chunk):
-    monkeypatch.setattr(attention, "_SPLIT_CHUNK", chunk)
-    g = torch.Generator().manual_seed(n)
-    q = torch.randn(2, 3, 4, 16, generator=g)
-    # keys as the engine stores them: a [B, H, N, D] buffer seen as [B, N, H, D]
-    k = torch.randn(2, 2, n, 16, generator=g).transpose(1, 2)
-    v = torch.randn(2, 2, n, 16, generator=g).transpose(1, 2)
-    out, lse = attention._split_partial(q, k, v, 0.25)
-    ref_out, ref_lse = attention._direct_partial(q.double(), k.double(), v.double(), 0.25,
-                                                 False, 0, 0)
-    assert out.shape == q.shape and lse.shape == (2, 4, 3)
-    torch.testing.assert_close(out.double(), ref_out.double(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=0)
 
 
 def _softmax_partial(q, k, v, scale, causal):
@@ -49,3 +33,20 @@ def test_cpu_flash_partial_matches_softmax(nq, nk, h, hkv, causal):
     assert out.shape == q.shape and lse.shape == (2, h, nq)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("nq,nk,q_start,k_start", [(1, 64, 63, 0), (6, 30, 24, 0), (4, 4, 10, 10)])
+def test_direct_partial_matches_softmax(nq, nk, q_start, k_start):
+    """The einsum partial (decode-sized CPU calls): GQA, causal at any query/key offsets."""
+    g = torch.Generator().manual_seed(nq + nk)
+    q = torch.randn(1, nq, 6, 16, generator=g)
+    k = torch.randn(1, nk, 2, 16, generator=g)
+    v = torch.randn(1, nk, 2, 16, generator=g)
+    out, lse = attention._direct_partial(q, k, v, 0.3, True, q_start, k_start)
+    kk, vv = (t.double().repeat_interleave(3, 2) for t in (k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kk) * 0.3
+    later = (torch.arange(nk) + k_start)[None, :] > (torch.arange(nq) + q_start)[:, None]
+    s = s.masked_fill(later, float("-inf"))
+    torch.testing.assert_close(out.double(), torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), vv),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), s.logsumexp(-1), atol=1e-5, rtol=0)
