@@ -148,7 +148,7 @@ def test_forward_any_scale_sign(sm_scale, fused):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("trend", ["growing", "shrinking"])
 def test_forward_running_max_moves(fused, trend):
-    """Scores that grow along the keys (the running max moves by thousands over a row: every
+    """Scores that grow along the keys (the running max moves past what p can hold in fp16: every
     step must rescale what it has) or shrink (the first step holds the max)."""
     layout = ss.local_stride(2, 32, 8, 1)
     # fp16: p is rounded to the value dtype, so a missed rescale overflows (2^16) and shows

@@ -77,6 +77,8 @@ _DIRECT_SCORES = 1 << 24
 
 def _partial(q, k, v, scale, *, causal, q_start, k_start):
     """(out [B, Nq, H, D], lse [B, H, Nq] fp32) of q over k/v at the given positions."""
+    if causal and q_start >= k_start + k.shape[1] - 1:
+        causal = False  # every key is at or before every query
     if (q.device.type == "cpu" and _CPU_FLASH is not None and k.shape[1] > 0
             and (not causal or q_start == k_start)):
         return _cpu_flash_partial(q, k, v, scale, causal)
@@ -170,9 +172,10 @@ def star_attention(module, query, key, value, attention_mask=None, scaling=None,
         parts = []
         for cache in step.caches:
             _over_segments(q, cache, layer, scale, p0, parts)
-        if step.own is not None:
-            _over_segments(q, step.own, layer, scale, p0, parts)
-            parts.append(_partial(q, k, v, scale, causal=True, q_start=p0, k_start=p0))
+        if step.own is not None:  # the current tokens join the query host's own KV first
+            step.own.append(layer, p0, k, v)
+            for start, kk, vv in step.own.segments(layer):
+                parts.append(_partial(q, kk, vv, scale, causal=True, q_start=p0, k_start=start))
         o, lse = _merge(parts, q)
         if step.comm is not None and step.comm.distributed:
             outs = step.comm.all_gather(o)
@@ -181,7 +184,7 @@ def star_attention(module, query, key, value, attention_mask=None, scaling=None,
         out = o
     else:
         raise ValueError(f"unknown step mode {step.mode!r}")
-    if step.save is not None:
+    if step.save is not None and not (step.mode == "query" and step.save is step.own):
         _save(step, layer, k, v)
     if step.send_anchor:
         n = step.send_anchor
