@@ -178,7 +178,8 @@ def main(argv=None):
 
 def table(records):
     """Markdown: per case phase 1, TTFT, decode, memory; ring's parallel efficiency against dense
-    on one GPU (dense phase 1 / (ring phase 1 x hosts)) and star's TTFT speed-up over ring."""
+    on one GPU (dense phase 1 / (ring phase 1 x hosts)), star's TTFT speed-up over ring, and each
+    method's decode step time against dense's on one GPU."""
     dense = {r["n"]: r for r in records if r["method"] == "dense" and "error" not in r}
     ring = {r["n"]: r for r in records if r["method"] == "ring" and "error" not in r}
     lines = ["| N | method | hosts | blocks/host | anchor | phase 1 s | TTFT s | decode tok/s | peak GiB | note |",
@@ -200,6 +201,8 @@ def table(records):
                             f"{'same' if c['same_tokens'] else 'DIFFER'}")
         if r["method"] == "star" and g:
             note.append(f"TTFT {g['ttft_s'] / r['ttft_s']:.2f}x ring")
+        if r["method"] != "dense" and d and d["decode_tokens_per_s"] and r["decode_tokens_per_s"]:
+            note.append(f"decode step {d['decode_tokens_per_s'] / r['decode_tokens_per_s']:.2f}x dense's")
         peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
         lines.append(head + f"{r['phase1_parallel_s']:.3f} | {r['ttft_s']:.3f} | "
                      f"{(r['decode_tokens_per_s'] or 0):.1f} | {peak} | {'; '.join(note)} |")
