@@ -96,7 +96,7 @@ def test_phase2_merge_over_hosts_equals_dense_attention():
     class M:
         layer_idx = 0
 
-    step = A.Step("query", start=n_ctx, caches=caches, own=own, save=own)
+    step = A.Step("query", start=n_ctx, caches=caches, own=own)
     with A.use_step(step):
         out, _ = A.star_attention(M(), q.transpose(1, 2), k[:, n_ctx:].transpose(1, 2),
                                   v[:, n_ctx:].transpose(1, 2), scaling=d ** -0.5)

@@ -40,7 +40,7 @@ class Step:
     save: object = None                        # PositionedKV receiving the current KV, or None
     prefix: object = None                      # encode: the anchor's PositionedKV
     caches: list = field(default_factory=list)  # query: context caches (all before the queries)
-    own: object = None                         # query: the query host's query-token cache
+    own: object = None                         # query: the query host's tokens (current ones added)
     comm: object = None                        # query / ring: Comm
     pieces: tuple = ()                         # ring: (start, n) of the current tokens' pieces
     ring_pieces: tuple = ()                    # ring: per rank, its pieces
@@ -84,8 +84,8 @@ def _partial(q, k, v, scale, *, causal, q_start, k_start):
         return _cpu_flash_partial(q, k, v, scale, causal)
     if q.device.type == "cpu" and q.shape[1] * k.shape[1] * q.shape[2] <= _DIRECT_SCORES:
         return _direct_partial(q, k, v, scale, causal, q_start, k_start)
-    # the op; a decode step over a long segment it splits over several programs itself (faster
-    # on an H200 than cutting the keys into chunks here: benchmarks/NOTES.md)
+    # the op: for a decode step over a long segment its forward splits the keys over several
+    # programs (faster on an H200 than cutting them into chunks here: benchmarks/NOTES.md)
     return sparse_attention(q, k, v, _dense_layout(q.shape[2]), causal=causal, sm_scale=scale,
                             return_lse=True, q_start=q_start, k_start=k_start)
 
@@ -184,7 +184,7 @@ def star_attention(module, query, key, value, attention_mask=None, scaling=None,
         out = o
     else:
         raise ValueError(f"unknown step mode {step.mode!r}")
-    if step.save is not None and not (step.mode == "query" and step.save is step.own):
+    if step.save is not None:
         _save(step, layer, k, v)
     if step.send_anchor:
         n = step.send_anchor

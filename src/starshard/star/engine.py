@@ -287,7 +287,7 @@ class StarEngine:
         cur = q
         try:
             while True:
-                step = A.Step("query", start=pos, save=own if is_qh else None, caches=caches,
+                step = A.Step("query", start=pos, caches=caches,
                               own=own if is_qh else None, comm=self.comm)
                 logits = self._run(step, cur, self._arange(pos, pos + cur.numel()), logits=True)
                 if return_logits:
