@@ -5,7 +5,9 @@ python benchmarks/eval_breakdown.py [benchmarks/results/eval_smollm2_cpu/results
 Prints (1) ring against dense: on how many paired samples (same task, length, sample, prompt)
 ring generated exactly dense's tokens (an exact method: any difference is a bug); (2) star's
 correct answers by the context block that holds the needle (block = needle depth x context
-tokens // block size), beside dense's on the same samples.
+tokens // block size), beside dense's on the same samples; (3) each task's mean score for
+dense and star (4 blocks, full anchor) per length, over the samples both answered (the README's
+compact table).
 """
 import collections
 import json
@@ -51,6 +53,19 @@ def by_needle_block(rows, tasks=("passkey", "niah_single")):
     return dict(out)
 
 
+def paired_scores(rows, methods=("dense", "star")):
+    """{(task, length): (mean score per method, n)} over samples every method answered."""
+    by = collections.defaultdict(dict)
+    for r in rows:
+        if r["method"] in methods:
+            by[(r["task"], r["length"], r["sample"])][r["method"]] = r["score"]
+    cells = collections.defaultdict(list)
+    for (task, length, _), scores in by.items():
+        if len(scores) == len(methods):
+            cells[(task, length)].append([scores[m] for m in methods])
+    return {key: (tuple(sum(col) / len(v) for col in zip(*v)), len(v)) for key, v in cells.items()}
+
+
 def main(argv):
     path = argv[1] if len(argv) > 1 else "benchmarks/results/eval_smollm2_cpu/results.jsonl"
     rows = load(path)
@@ -65,6 +80,16 @@ def main(argv):
     print("| task | length | needle in block | star correct | dense correct |\n| --- | --- | --- | --- | --- |")
     for (task, length, block), (s, d, n) in sorted(by_needle_block(rows).items()):
         print(f"| {task} | {length} | {block} | {s}/{n} | {d}/{n} |")
+    cells = paired_scores(rows)
+    lengths = sorted({length for _, length in cells})
+    print("\n| task | " + " | ".join(f"{length // 1024}k dense / star (n)" for length in lengths)
+          + " |\n| --- |" + " --- |" * len(lengths))
+    for task in sorted({task for task, _ in cells}):
+        row = []
+        for length in lengths:
+            hit = cells.get((task, length))
+            row.append(f"{hit[0][0]:.2f} / {hit[0][1]:.2f} ({hit[1]})" if hit else "-")
+        print(f"| {task} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
