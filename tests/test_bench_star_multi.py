@@ -26,5 +26,8 @@ def test_bench_star_multi_runs_on_gloo(tmp_path):
     check = recs[("ring", 1)]["ring_vs_dense"]
     assert check["same_tokens"] and check["max_abs_logit_diff"] <= 1e-5 * max(1.0, check["max_abs_dense_logit"])
     assert recs[("ring", 1)]["tokens"] == recs[("dense", 1)]["tokens"]
+    # the rounding yardstick: dense against transformers' SDPA on the same tokens (fp32 here)
+    yard = recs[("dense", 1)]["sdpa_vs_dense"]
+    assert yard["same_argmax"] and yard["max_abs_logit_diff"] <= 1e-4 * max(1.0, yard["max_abs_dense_logit"])
     text = bench_star_multi.table(res["records"])
-    assert "efficiency" in text and "x ring" in text and "x dense's" in text
+    assert "efficiency" in text and "x ring" in text and "x dense's" in text and "dense vs SDPA" in text

@@ -50,3 +50,45 @@ def test_direct_partial_matches_softmax(nq, nk, q_start, k_start):
     torch.testing.assert_close(out.double(), torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), vv),
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(lse.double(), s.logsumexp(-1), atol=1e-5, rtol=0)
+
+
+class _StackComm:
+    """Stands in for the hosts: all_gather_stacked returns the given per-host tensors, with this
+    host's own (the argument) at ``rank``."""
+
+    def __init__(self, others, rank):
+        self.others, self.rank = others, rank
+
+    def all_gather_stacked(self, t):
+        rows = list(self.others)
+        rows.insert(self.rank, t)
+        return torch.stack(rows)
+
+
+@pytest.mark.parametrize("shift", [(0.0, 0.0, 3.0, -2.0), (0.0, 0.0, 1e4, -1e4)])
+def test_gathered_partials_merge_to_one_softmax(shift):
+    """Partials of 4 hosts over disjoint keys (one host with no keys, rows with no key anywhere,
+    per-host logit offsets up to +-1e4) merge to the float64 softmax over all keys."""
+    g = torch.Generator().manual_seed(3)
+    b, n, h, d = 2, 3, 4, 16
+    q = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
+    keys = [torch.randn(b, m, h, d, generator=g, dtype=torch.float64) for m in (5, 0, 7, 4)]
+    vals = [torch.randn(b, m, h, d, generator=g, dtype=torch.float64) for m in (5, 0, 7, 4)]
+    parts = []
+    for k, v, c in zip(keys, vals, shift):
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) + c
+        s[:, :, 1] = float("-inf")         # query row 1 has no key on any host
+        lse = torch.logsumexp(s, -1)
+        p = torch.where(torch.isneginf(lse)[..., None], 0.0, torch.exp(s - lse[..., None]))
+        parts.append((torch.einsum("bhqk,bkhd->bqhd", p.nan_to_num(0.0), v), lse))
+    s_all = torch.cat([torch.einsum("bqhd,bkhd->bhqk", q, k) + c for k, c in zip(keys, shift)], -1)
+    s_all[:, :, 1] = float("-inf")
+    ref = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s_all, -1).nan_to_num(0.0), torch.cat(vals, 1))
+    for rank in range(4):
+        packed = [torch.cat([o.float().reshape(-1), l.float().reshape(-1)])
+                  for i, (o, l) in enumerate(parts) if i != rank]
+        o, l = parts[rank]
+        out = attention._gather_merge(_StackComm(packed, rank), o.float(), l.float())
+        assert not torch.isnan(out).any()
+        assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+        assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)

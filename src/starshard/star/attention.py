@@ -8,8 +8,9 @@ each layer's rotated query/key/value for the current tokens only and
 - ``encode``: a context block behind its anchor: the anchor's stored KV is fully visible, the
   block is causal over itself (Star phase 1);
 - ``ring``: exact causal attention over the whole context, KV passed around the hosts' ring;
-- ``query``: every context cache (all earlier tokens) plus, on the query host, the query's own
-  KV; partials (out, lse) from all hosts are gathered and merged exactly (Star phase 2).
+- ``query``: every context cache (all earlier tokens) plus, on the query host, its own cache,
+  to which the current tokens' KV is added first; partials (out, lse) from all hosts are
+  gathered and merged exactly (Star phase 2).
 
 Each mode stores the current KV where the step says. Attention inside a host is starshard's op
 with a dense layout, which returns the log-sum-exp the merge needs.
@@ -40,7 +41,7 @@ class Step:
     save: object = None                        # PositionedKV receiving the current KV, or None
     prefix: object = None                      # encode: the anchor's PositionedKV
     caches: list = field(default_factory=list)  # query: context caches (all before the queries)
-    own: object = None                         # query: the query host's tokens (current ones added)
+    own: object = None                         # query: the query host's cache; the current KV joins it
     comm: object = None                        # query / ring: Comm
     pieces: tuple = ()                         # ring: (start, n) of the current tokens' pieces
     ring_pieces: tuple = ()                    # ring: per rank, its pieces
@@ -178,9 +179,7 @@ def star_attention(module, query, key, value, attention_mask=None, scaling=None,
                 parts.append(_partial(q, kk, vv, scale, causal=True, q_start=p0, k_start=start))
         o, lse = _merge(parts, q)
         if step.comm is not None and step.comm.distributed:
-            outs = step.comm.all_gather(o)
-            lses = step.comm.all_gather(lse)
-            o, lse = merge_attention(outs, lses)
+            o = _gather_merge(step.comm, o, lse)
         out = o
     else:
         raise ValueError(f"unknown step mode {step.mode!r}")
@@ -191,6 +190,22 @@ def star_attention(module, query, key, value, attention_mask=None, scaling=None,
         step.comm.broadcast(k[:, :n].contiguous(), 0)
         step.comm.broadcast(v[:, :n].contiguous(), 0)
     return out, None
+
+
+def _gather_merge(comm, o, lse):
+    """Every host's partial (o ``[B, N, H, D]``, lse ``[B, H, N]``) merged into this one's output:
+    one collective (o and lse packed in fp32) and one merge over the stacked partials, whatever
+    the number of hosts (a decode step is bound by host-side launches, not by these few bytes)."""
+    b, n, h, d = o.shape
+    packed = comm.all_gather_stacked(torch.cat([o.float().reshape(-1), lse.float().reshape(-1)]))
+    outs = packed[:, :o.numel()].view(-1, b, n, h, d)
+    lses = packed[:, o.numel():].view(-1, b, h, n).transpose(-1, -2)       # [S, B, N, H]
+    m = lses.amax(0)
+    m = torch.where(torch.isneginf(m), 0.0, m)          # rows no host has a key for: weights 0
+    w = torch.exp(lses - m)
+    tot = w.sum(0)
+    out = (outs * w[..., None]).sum(0) / torch.where(tot == 0, 1.0, tot)[..., None]
+    return out.to(o.dtype)
 
 
 def receive_anchor(comm, prefix, layer, n, like):

@@ -12,7 +12,7 @@ __all__ = ["Comm"]
 
 
 class Comm:
-    """Rank, world size and the three collectives the engine needs."""
+    """Rank, world size and the collectives the engine needs."""
 
     def __init__(self, group=None):
         self.group = group
@@ -41,6 +41,20 @@ class Comm:
         bufs = [torch.empty_like(w) for _ in range(self.world)]
         dist.all_gather(bufs, w, group=self.group)
         return [b.to(t.dtype) for b in bufs]
+
+    def all_gather_stacked(self, t):
+        """``[world, *t.shape]``: every rank's tensor in rank order, by one collective."""
+        if not self.distributed:
+            return t[None]
+        w = self._wire(t.contiguous())
+        if self.backend == "nccl":
+            out = w.new_empty((self.world,) + tuple(w.shape))
+            dist.all_gather_into_tensor(out, w, group=self.group)
+        else:
+            bufs = [torch.empty_like(w) for _ in range(self.world)]
+            dist.all_gather(bufs, w, group=self.group)
+            out = torch.stack(bufs)
+        return out.to(t.dtype)
 
     def broadcast(self, t, src):
         """``t`` from rank ``src`` on every rank (in place, returned)."""

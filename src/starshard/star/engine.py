@@ -277,8 +277,10 @@ class StarEngine:
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         qh = self.plan.query_host
         is_qh = self.simulated or self.comm.rank == qh
-        own = PositionedKV()
-        caches = [self.caches[r] for r in self._ranks()]
+        # the query host's tokens join its own context cache (one attention call covers both
+        # where that host holds the end of the context) and are cut off again afterwards
+        own = self.caches[qh] if is_qh else None
+        caches = [self.caches[r] for r in self._ranks() if not (is_qh and r == qh)]
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         pos = self.context_len
         tokens, stopped, kept = [], "length", []
@@ -287,8 +289,7 @@ class StarEngine:
         cur = q
         try:
             while True:
-                step = A.Step("query", start=pos, caches=caches,
-                              own=own if is_qh else None, comm=self.comm)
+                step = A.Step("query", start=pos, caches=caches, own=own, comm=self.comm)
                 logits = self._run(step, cur, self._arange(pos, pos + cur.numel()), logits=True)
                 if return_logits:
                     kept.append(logits.cpu())
@@ -314,7 +315,8 @@ class StarEngine:
                     break
                 cur = torch.tensor([tok])
         finally:
-            own.clear()
+            if own is not None:
+                own.truncate(self.context_len)
         elapsed = self._now() - t0
         decode_s = elapsed - (t_first or 0.0)
         timings = dict(self.timings, phase2_s=elapsed, first_token_s=t_first,
