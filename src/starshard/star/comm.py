@@ -33,15 +33,6 @@ class Comm:
             return t.float()
         return t
 
-    def all_gather(self, t):
-        """Same-shaped tensors from every rank, in rank order."""
-        if not self.distributed:
-            return [t]
-        w = self._wire(t.contiguous())
-        bufs = [torch.empty_like(w) for _ in range(self.world)]
-        dist.all_gather(bufs, w, group=self.group)
-        return [b.to(t.dtype) for b in bufs]
-
     def all_gather_stacked(self, t):
         """``[world, *t.shape]``: every rank's tensor in rank order, by one collective."""
         if not self.distributed:
