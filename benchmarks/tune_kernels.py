@@ -149,6 +149,10 @@ SCHEDULES = {
     "fwd-128x64x4x5": dict(fwd=(128, 64, 4, 5)),
     "fwd-128x64x4x3": dict(fwd=(128, 64, 4, 3)),
     "fwd-128x128x8x3": dict(fwd=(128, 128, 8, 3)),
+    "fwd-halves": dict(fwd_halves=True),
+    "fwd-whole": dict(fwd_halves=False),
+    "fwd-halves-x2": dict(fwd_halves=True, fwd=(128, 64, 4, 2)),
+    "fwd-halves-x4": dict(fwd_halves=True, fwd=(128, 64, 4, 4)),
 }
 
 

@@ -43,17 +43,18 @@ def test_bf16_fp16_forward_backward(name, kw, d, dtype):
 # and merged key tiles (the default when a GQA group shares one pattern: with 4 KV heads here,
 # for bs < 64)
 # and every kernel's programs in grid order, or heaviest tiles first; the forward's plain loop
-# (no folded scale, no TMA: the default uses both where it can) and its K/V seen through
-# a [B, H, N, D] buffer (no TMA there)
+# (no folded scale, no TMA, no half tiles: the default uses them where it can), its whole
+# tile at once (no half tiles), and its K/V seen through a [B, H, N, D] buffer (no TMA there)
 STRATEGIES = [dict(dkdv_split=False), dict(dkdv_masked_stages=2), dict(merge_k=True),
               dict(schedule="natural"), dict(schedule="lpt"), dict(fwd_fused=False, fwd_tma=False),
-              dict(transposed=True)]
+              dict(fwd_halves=False), dict(transposed=True)]
 
 
 @pytest.mark.parametrize("name,kw", LAYOUTS, ids=[n for n, _ in LAYOUTS])
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=["one-loop", "masked-pipelined", "merge-k",
                                                          "natural-order", "lpt-order",
-                                                         "plain-forward", "heads-apart"])
+                                                         "plain-forward", "whole-tile-forward",
+                                                         "heads-apart"])
 def test_backward_strategies(name, kw, strategy):
     _check_forward_backward(kw, 128, torch.bfloat16, strategy, hkv=4 if "merge_k" in strategy else 2)
 

@@ -92,6 +92,11 @@ CASES = [
     (128, dict(fwd_fused=False, fwd_tma=False), True, 2, 1, 64, 260, 260, None, 0, torch.float16, "hetero", False),
     (64, dict(fwd_fused=True, fwd_tma=False, fwd=(64, 64, 4, 2)), True, 4, 2, 32, 130, 200, None, 70, torch.float32, "random", False),
     (64, dict(fwd_tma=True, fwd=(64, 64, 4, 2)), True, 4, 2, 64, 100, 250, 120, 20, torch.float16, "hetero", False),
+    # the forward tile as two half tiles sharing each K/V step (the default for fixed lengths):
+    # TMA steps, gathered units with a padded head dim, and the whole tile at once
+    (64, dict(fwd_halves=True, fwd=(128, 64, 4, 2)), True, 4, 2, 64, 100, 250, 120, 20, torch.float16, "hetero", False),
+    (16, dict(fwd_halves=True, fwd=(64, 64, 4, 2)), False, 2, 1, 80, 96, 160, None, 0, torch.float32, "random", False),
+    (32, dict(fwd_halves=False), True, 4, 2, 64, 130, 200, 40, 0, torch.float16, "hetero", True),
 ]
 
 

@@ -8,7 +8,8 @@ minus the incoming gradient of lse, which is how gradients flow through lse.
 import triton
 import triton.language as tl
 
-from .triton_fwd import _full_kv, _load_rows, _masked_scores, _program_ids, _row_offsets, _unit_rows
+from .triton_fwd import (_full_kv, _load_rows, _masked_scores, _program_ids, _row_offsets,
+                         _tile_entries, _unit_rows)
 
 
 @triton.jit
@@ -89,13 +90,7 @@ def s2_bwd_dq_kernel(
     delta = tl.load(DELTA + base_l + _row_offsets(rows, sln, INT64), mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
 
-    p_head = h // TAB_GROUP
-    has_tab = (m >= t0) & (m < t0 + n_tab_tiles)
-    ti = tl.where(has_tab, m - t0, 0)
-    trow = p_head.to(tl.int64) * n_tab_tiles + ti
-    nfull = tl.load(T_NFULL + trow, mask=has_tab, other=0)
-    ntot = tl.load(T_NTOT + trow, mask=has_tab, other=0)
-    toff = trow * tab_len
+    nfull, ntot, toff = _tile_entries(T_NFULL, T_NTOT, h // TAB_GROUP, m, t0, n_tab_tiles, tab_len)
 
     G: tl.constexpr = BLOCK_N // UNIT
     offs_n = tl.arange(0, BLOCK_N)

@@ -21,7 +21,7 @@ def kernel_config(**kw):
     unmasked and masked entries in two loops, or one loop with a branch), dkdv_masked_stages,
     merge_k (dk/dv key tiles grouped by attendance when blocks are smaller than the tile),
     schedule ("lpt": heaviest tiles first, or "natural": grid order; schedule_fwd, schedule_dq,
-    schedule_dkdv for one kernel), fwd_fused, fwd_tma (forward loop variants, see _FWD),
+    schedule_dkdv for one kernel), fwd_fused, fwd_tma, fwd_halves (forward loop variants, see _FWD),
     fwd_splits (split-K factor of the forward, see _fwd_splits)."""
     old = dict(_OVERRIDE)
     _OVERRIDE.update(kw)
@@ -82,12 +82,24 @@ _SCHEDULE = {"fwd": "natural", "dq": "lpt", "dkdv": "lpt"}
 # Forward loop variants: "fused" folds the softmax scale into one multiply-add per score and
 # accumulates P @ V in place; "tma" loads the unmasked one-unit K/V steps through TMA
 # descriptors (Hopper and later, when the strides allow it). Together -3.5% at 32k on an H200
-# (bs128 2.55 -> 2.45 ms, dense 18.8 -> 18.1; benchmarks/NOTES.md).
-_FWD = {"fused": True, "tma": True}
+# (bs128 2.55 -> 2.45 ms, dense 18.8 -> 18.1). "halves" runs a 128-row tile as two 64-row
+# halves so that one half's P @ V overlaps the other's softmax: -6% to -10% at 32k on an H200
+# (bs128 2.32-2.34 -> 2.18 ms, dense 16.9-17.8 -> 16.1), but 2x slower on 64-row tiles
+# (32-row halves), so only tiles of >= 128 rows use it. See benchmarks/NOTES.md.
+_FWD = {"fused": True, "tma": True, "halves": True}
 
 
 def _fwd_variant(name):
     return bool(_OVERRIDE.get("fwd_" + name, _FWD[name]))
+
+
+def _fwd_halves(bm, fused, varlen, splits):
+    """Whether the forward runs its tiles as two half tiles (fixed lengths, folded scale, no
+    split-K); ``kernel_config(fwd_halves=True)`` forces it on tiles down to 32 rows (tests)."""
+    forced = _OVERRIDE.get("fwd_halves")
+    if not fused or varlen or splits > 1 or bm < 32 or forced is False:
+        return False
+    return bool(forced) or (bm >= 128 and _FWD["halves"])
 
 
 def _tma_descriptors(k, v, bn, bd, d, unit, varlen):
@@ -251,6 +263,7 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     busy_tiles = batch * hq * ((-(-max_q // bm) + 1) if varlen else n_m)
     splits = _fwd_splits(bm, busy_tiles, tab.units.shape[-1] // max(1, bn // tab.unit), q.device)
     grid = _grid(order, n_m, hq, batch)
+    halves = _fwd_halves(bm, fused, varlen, splits)
     o_dst, l_dst, so, split_strides = out, lse, _strides4(out, varlen), (0, 0)
     if splits > 1:   # partials per split into fp32 buffers, rows (b, n, h) for both
         rows = out.numel() // d
@@ -273,7 +286,7 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
             CAUSAL=causal, VARLEN=varlen, INT64=_needs_int64(q, k, v),
             DOT_PREC=_dot_precision(q.dtype), ORDERED=order is not None,
             FUSED=fused, POS_SCALE=sm_scale > 0, TMA=descs is not None, SPLIT=splits > 1,
-            num_warps=warps, num_stages=stages)
+            HALVES=halves, num_warps=warps, num_stages=stages)
         if splits > 1:
             s2_merge_splits_kernel[(l_dst.shape[1],)](
                 o_dst, l_dst, out, lse, splits, hq, q.shape[0] if varlen else nq,
