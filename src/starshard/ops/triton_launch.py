@@ -84,8 +84,8 @@ _SCHEDULE = {"fwd": "natural", "dq": "lpt", "dkdv": "lpt"}
 # descriptors (Hopper and later, when the strides allow it). Together -3.5% at 32k on an H200
 # (bs128 2.55 -> 2.45 ms, dense 18.8 -> 18.1). "halves" runs a 128-row tile as two 64-row
 # halves so that one half's P @ V overlaps the other's softmax: -6% to -10% at 32k on an H200
-# (bs128 2.32-2.34 -> 2.18 ms, dense 16.9-17.8 -> 16.1), but 2x slower on 64-row tiles
-# (32-row halves), so only tiles of >= 128 rows use it. See benchmarks/NOTES.md.
+# at D=128 (bs128 2.32-2.34 -> 2.18 ms, dense 16.9-17.8 -> 16.1), -2% to -6% at D=64, but 2x
+# slower on 64-row tiles (32-row halves), so only tiles of >= 128 rows use it (NOTES.md).
 _FWD = {"fused": True, "tma": True, "halves": True}
 
 
