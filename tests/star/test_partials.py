@@ -68,7 +68,8 @@ class _StackComm:
 @pytest.mark.parametrize("shift", [(0.0, 0.0, 3.0, -2.0), (0.0, 0.0, 1e4, -1e4)])
 def test_gathered_partials_merge_to_one_softmax(shift):
     """Partials of 4 hosts over disjoint keys (one host with no keys, rows with no key anywhere,
-    per-host logit offsets up to +-1e4) merge to the float64 softmax over all keys."""
+    per-host logit offsets up to +-1e4) merge to the float64 softmax over all keys, whether
+    gathered from the hosts or merged in one process."""
     g = torch.Generator().manual_seed(3)
     b, n, h, d = 2, 3, 4, 16
     q = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
@@ -92,3 +93,10 @@ def test_gathered_partials_merge_to_one_softmax(shift):
         assert not torch.isnan(out).any()
         assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
         assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # the same partials merged locally (simulated hosts, anchor + block): out and lse
+    out, lse = attention._merge([(o.float(), l.float()) for o, l in parts], q.float())
+    ref_lse = torch.logsumexp(s_all, -1)
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1])) and torch.isneginf(lse[:, :, 1]).all()
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
+    ok = torch.isfinite(ref_lse)
+    assert torch.allclose(lse.double()[ok], ref_lse[ok], atol=1e-3, rtol=1e-6)

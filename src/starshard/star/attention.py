@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layouts import local_stride
-from ..ops.merge import merge_attention
 from ..ops.sparse_attn import sparse_attention
 
 __all__ = ["Step", "use_step", "star_attention", "register", "IMPLEMENTATION"]
@@ -135,11 +134,30 @@ def _empty_partial(q):
 
 
 def _merge(parts, q):
+    """One (out, lse) from partials over disjoint keys: out in q's dtype, lse fp32."""
     if not parts:
         return _empty_partial(q)
     if len(parts) == 1:
         return parts[0]
-    return merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    out, lse = _merge_stacked(torch.stack([p[0] for p in parts]).float(),
+                              torch.stack([p[1] for p in parts]).float())
+    return out.to(q.dtype), lse
+
+
+def _merge_stacked(outs, lses):
+    """Merge S partials in one pass: outs ``[S, B, N, H, D]`` and lses ``[S, B, H, N]`` (fp32) to
+    (out ``[B, N, H, D]``, lse ``[B, H, N]``). Each weight is exp(lse_i - max lse) <= 1; rows no
+    partial has a key for get out 0 and lse -inf. (Inference only: ``merge_attention`` is the
+    differentiable, pairwise form.)"""
+    lt = lses.transpose(-1, -2)                          # [S, B, N, H]
+    m = lt.amax(0)
+    m = torch.where(torch.isneginf(m), 0.0, m)
+    w = torch.exp(lt - m)
+    tot = w.sum(0)
+    empty = tot == 0
+    out = (outs * w[..., None]).sum(0) / torch.where(empty, 1.0, tot)[..., None]
+    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, tot)))
+    return out, lse.transpose(-1, -2)
 
 
 def _over_segments(q, kv, layer, scale, q_start, parts):
@@ -198,13 +216,8 @@ def _gather_merge(comm, o, lse):
     the number of hosts (a decode step is bound by host-side launches, not by these few bytes)."""
     b, n, h, d = o.shape
     packed = comm.all_gather_stacked(torch.cat([o.float().reshape(-1), lse.float().reshape(-1)]))
-    outs = packed[:, :o.numel()].view(-1, b, n, h, d)
-    lses = packed[:, o.numel():].view(-1, b, h, n).transpose(-1, -2)       # [S, B, N, H]
-    m = lses.amax(0)
-    m = torch.where(torch.isneginf(m), 0.0, m)          # rows no host has a key for: weights 0
-    w = torch.exp(lses - m)
-    tot = w.sum(0)
-    out = (outs * w[..., None]).sum(0) / torch.where(tot == 0, 1.0, tot)[..., None]
+    out, _ = _merge_stacked(packed[:, :o.numel()].view(-1, b, n, h, d),
+                            packed[:, o.numel():].view(-1, b, h, n))
     return out.to(o.dtype)
 
 
