@@ -14,8 +14,6 @@ combines.
 import triton
 import triton.language as tl
 
-LN2 = 0.6931471805599453
-
 
 @triton.jit
 def _row_offsets(rows, stride, INT64: tl.constexpr):
