@@ -314,3 +314,14 @@ def test_a_model_whose_attention_bypasses_the_interface_is_refused(monkeypatch):
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", own_attention)
     with pytest.raises(ValueError, match="cannot be hooked"):
         StarEngine(model)
+
+
+def test_simulated_hosts_are_charged_the_anchor_they_reuse(model, monkeypatch):
+    """Simulated hosts reuse host 0's anchor KV (its first block) and are charged its time; host 0,
+    which holds it, is never charged, even when it has a second block."""
+    eng = StarEngine(model, method="star", block_size=20, simulate=4)   # 8 blocks, 2 per host
+    clock = iter(range(1000))
+    monkeypatch.setattr(eng, "_now", lambda: float(next(clock)))
+    eng.encode(CONTEXT)
+    # host 0: start, block 0 timed (1 s on this clock), end; the others: start, end, + 1 s charged
+    assert eng.timings["phase1_s"] == {0: 3.0, 1: 2.0, 2: 2.0, 3: 2.0}

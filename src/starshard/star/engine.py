@@ -197,7 +197,8 @@ class StarEngine:
                     prefix, recv = PositionedKV(), anchor
                 elif self.anchor_mode == "stream" and self.simulated:
                     prefix = self._anchor(ids, 0, anchor)  # host 0's, sliced: nothing recomputed
-                elif self.simulated and anchor == self.plan.pieces[0][0].size:
+                elif (self.simulated and anchor == self.plan.pieces[0][0].size
+                      and not any(p.start == 0 for p in pieces)):
                     # host 0 ran exactly this computation (the same tokens in one causal pass): its
                     # KV is reused, and its time charged to this host, which would compute it
                     prefix = self._anchor(ids, 0, anchor)
