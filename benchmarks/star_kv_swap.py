@@ -58,9 +58,9 @@ def main():
             star = StarEngine(model, method="star", simulate=4)
             plan = star.encode(ctx)
             _with_dense_kv(star, dense, swap, layers)
-            row["blocks"] = [[p.start, p.end] for ps in plan.pieces for p in ps]
             text = tok.decode(star.generate(q, max_new_tokens=a.max_new_tokens).tokens)
             row["star" + ("" if not swap else " dense KV on hosts " + ",".join(map(str, swap)))] = text
+        row["blocks"] = [[p.start, p.end] for ps in plan.pieces for p in ps]   # the same each time
         for key in [k for k in row if k == "dense" or k.startswith("star")]:
             row[key + " correct"] = all(x in row[key] for x in row["expected"])
         rows.append(row)

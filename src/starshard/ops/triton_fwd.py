@@ -339,7 +339,6 @@ def s2_fwd_kernel(
     q = tl.load(Q + base_q + _row_offsets(rows, sqn, INT64)[:, None] + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-
     G: tl.constexpr = BLOCK_N // UNIT
     if SPLIT:  # split-K: this program takes one of n_splits equal runs of the tile's entries
         split = tl.program_id(2)
