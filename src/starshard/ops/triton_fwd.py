@@ -97,6 +97,25 @@ def _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, idx, slot, withi
 
 
 @triton.jit
+def _unmasked_kv(K, V, DESC_K, DESC_V, base_k, base_v, skn, skd, svn, svd, T_UNITS, idx, b, hk, Nk,
+                 slot, within, offs_n, offs_d, d_ok, ks, nk, HEAD_D: tl.constexpr,
+                 UNIT: tl.constexpr, G: tl.constexpr, INT64: tl.constexpr, VARLEN: tl.constexpr,
+                 EVEN_D: tl.constexpr, TMA: tl.constexpr):
+    """The forward's unmasked step: whole K/V tiles by TMA where the host made descriptors (one
+    unit per step, in bounds, never VARLEN), else gathered unit by unit (_full_kv)."""
+    if TMA:
+        u = tl.load(T_UNITS + idx)
+        r0 = b * Nk + u * UNIT - ks
+        kk = DESC_K.load([r0, hk * HEAD_D])
+        vv = DESC_V.load([r0, hk * HEAD_D])
+        k_ok = offs_n < UNIT * G
+    else:
+        kk, vv, k_ok = _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, idx, slot, within,
+                                offs_n, offs_d, d_ok, ks, nk, UNIT, G, INT64, VARLEN, EVEN_D)
+    return kk, vv, k_ok
+
+
+@triton.jit
 def _masked_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS, idx, slot, within, offs_n,
                offs_d, d_ok, ks, nk, UNIT: tl.constexpr, G: tl.constexpr, INT64: tl.constexpr):
     """One masked step's K/V units listed at T_UNITS[idx], their positions, which keys exist,
@@ -136,15 +155,22 @@ def _masked_scores(q, K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS,
 
 
 @triton.jit
-def _softmax_pv(qk, vv, m_i, l_i, acc, sm_scale_log2, POS_SCALE: tl.constexpr,
-                DOT_PREC: tl.constexpr):
-    """One unmasked online-softmax step from raw scores, the scale folded into the exponent."""
+def _softmax_pv(qk, vv, m_i, l_i, acc, k_ok, sm_scale_log2, POS_SCALE: tl.constexpr,
+                VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One unmasked online-softmax step from raw scores, the scale folded into the exponent.
+    With VARLEN, keys past the sequence's end (not k_ok) are dropped: a row may see none."""
+    if VARLEN:
+        qk = tl.where(k_ok[None, :], qk, float("inf") if not POS_SCALE else float("-inf"))
     if POS_SCALE:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
     else:
         m_new = tl.maximum(m_i, tl.min(qk, 1) * sm_scale_log2)
-    p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
+    if VARLEN:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.exp2(qk * sm_scale_log2 - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(vv.dtype), vv, acc, input_precision=DOT_PREC)
@@ -202,6 +228,7 @@ def _masked_steps(q, m_i, l_i, acc, K, V, base_k, base_v, skn, skd, svn, svd, T_
             m_i = m_new
     return m_i, l_i, acc
 
+
 @triton.jit
 def _fwd_tile_halves(Q, O, LSE, K, V, DESC_K, DESC_V, T_UNITS, T_BITS, toff, nfull, ntot,
                      base_q, base_o, base_l, base_k, base_v, m, b, hk, qs, ks, nq, nk, Nk,
@@ -238,20 +265,17 @@ def _fwd_tile_halves(Q, O, LSE, K, V, DESC_K, DESC_V, T_UNITS, T_BITS, toff, nfu
     acc_a = tl.zeros([HALF, BLOCK_D], tl.float32)
     acc_b = tl.zeros([HALF, BLOCK_D], tl.float32)
     for e in range(0, nfull, G):
-        if TMA:
-            u = tl.load(T_UNITS + toff + e)
-            r0 = b * Nk + u * UNIT - ks
-            kk = DESC_K.load([r0, hk * HEAD_D])
-            vv = DESC_V.load([r0, hk * HEAD_D])
-        else:
-            kk, vv, _ = _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, toff + e, slot,
-                                 within, offs_n, offs_d, d_ok, ks, nk, UNIT, G, INT64, False,
-                                 BLOCK_D == HEAD_D)
+        kk, vv, k_ok = _unmasked_kv(K, V, DESC_K, DESC_V, base_k, base_v, skn, skd, svn, svd,
+                                    T_UNITS, toff + e, b, hk, Nk, slot, within, offs_n, offs_d,
+                                    d_ok, ks, nk, HEAD_D, UNIT, G, INT64, False,
+                                    BLOCK_D == HEAD_D, TMA)
         kt = tl.trans(kk)
         qk_a = tl.dot(q_a, kt, input_precision=DOT_PREC)
         qk_b = tl.dot(q_b, kt, input_precision=DOT_PREC)
-        m_a, l_a, acc_a = _softmax_pv(qk_a, vv, m_a, l_a, acc_a, sm_scale_log2, POS_SCALE, DOT_PREC)
-        m_b, l_b, acc_b = _softmax_pv(qk_b, vv, m_b, l_b, acc_b, sm_scale_log2, POS_SCALE, DOT_PREC)
+        m_a, l_a, acc_a = _softmax_pv(qk_a, vv, m_a, l_a, acc_a, k_ok, sm_scale_log2, POS_SCALE,
+                                      False, DOT_PREC)
+        m_b, l_b, acc_b = _softmax_pv(qk_b, vv, m_b, l_b, acc_b, k_ok, sm_scale_log2, POS_SCALE,
+                                      False, DOT_PREC)
 
     sub_a = tl.arange(0, HALF) // SUB
     sub_b = (tl.arange(0, HALF) + HALF) // SUB
@@ -368,33 +392,14 @@ def s2_fwd_kernel(
 
     if f_hi > f_lo:
         for e in range(f_lo, f_hi, G):
-            if TMA:  # one unit per step, in bounds: whole K/V tiles by TMA (host checks strides)
-                u = tl.load(T_UNITS + toff + e)
-                r0 = b * Nk + u * UNIT - ks
-                kk = DESC_K.load([r0, hk * HEAD_D])
-                vv = DESC_V.load([r0, hk * HEAD_D])
-            else:
-                kk, vv, k_ok = _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, toff + e,
-                                        slot, within, offs_n, offs_d, d_ok, ks, nk, UNIT, G, INT64,
-                                        VARLEN, BLOCK_D == HEAD_D)
+            kk, vv, k_ok = _unmasked_kv(K, V, DESC_K, DESC_V, base_k, base_v, skn, skd, svn, svd,
+                                        T_UNITS, toff + e, b, hk, Nk, slot, within, offs_n, offs_d,
+                                        d_ok, ks, nk, HEAD_D, UNIT, G, INT64, VARLEN,
+                                        BLOCK_D == HEAD_D, TMA)
             if FUSED:  # the scale folded into one multiply-add per score; P @ V accumulates in place
                 qk = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC)
-                if VARLEN:
-                    qk = tl.where(k_ok[None, :], qk, float("inf") if not POS_SCALE else float("-inf"))
-                if POS_SCALE:
-                    m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
-                else:
-                    m_new = tl.maximum(m_i, tl.min(qk, 1) * sm_scale_log2)
-                if VARLEN:
-                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                else:
-                    m_use = m_new
-                p = tl.exp2(qk * sm_scale_log2 - m_use[:, None])
-                alpha = tl.exp2(m_i - m_use)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]
-                acc = tl.dot(p.to(vv.dtype), vv, acc, input_precision=DOT_PREC)
-                m_i = m_new
+                m_i, l_i, acc = _softmax_pv(qk, vv, m_i, l_i, acc, k_ok, sm_scale_log2, POS_SCALE,
+                                            VARLEN, DOT_PREC)
             else:
                 s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
                 if VARLEN:  # keys past this sequence's end: a whole row may be masked here

@@ -195,14 +195,15 @@ class StarEngine:
             if prefix is None:
                 if stream and rank != 0:
                     prefix, recv = PositionedKV(), anchor
-                elif self.anchor_mode == "stream" and self.simulated:
-                    prefix = self._anchor(ids, 0, anchor)  # host 0's, sliced: nothing recomputed
-                elif (self.simulated and anchor == self.plan.pieces[0][0].size
-                      and not any(p.start == 0 for p in pieces)):
-                    # host 0 ran exactly this computation (the same tokens in one causal pass): its
-                    # KV is reused, and its time charged to this host, which would compute it
+                elif self.simulated and (self.anchor_mode == "stream" or (
+                        anchor == self.plan.pieces[0][0].size
+                        and not any(p.start == 0 for p in pieces))):
+                    # host 0's anchor KV, sliced. Streamed, it costs this host nothing; otherwise
+                    # host 0 ran exactly this computation (the same tokens in one causal pass),
+                    # and its time is charged to this host, which would compute it
                     prefix = self._anchor(ids, 0, anchor)
-                    charged += self._block0_s
+                    if self.anchor_mode != "stream":
+                        charged += self._block0_s
                 else:
                     prefix = self._anchor(ids, rank, anchor)
             self._run(A.Step("encode", start=piece.start, save=cache, prefix=prefix, comm=self.comm,
