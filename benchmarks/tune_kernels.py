@@ -153,12 +153,12 @@ SCHEDULES = {
     "fwd-whole": dict(fwd_halves=False),
     "fwd-halves-x2": dict(fwd_halves=True, fwd=(128, 64, 4, 2)),
     "fwd-halves-x4": dict(fwd_halves=True, fwd=(128, 64, 4, 4)),
-    "dq-tma": dict(dq_tma=True),
-    "dkdv-tma": dict(dkdv_tma=True),
-    "bwd-tma": dict(dq_tma=True, dkdv_tma=True),
-    "bwd-tma-dkdv-64x128x8x3": dict(dq_tma=True, dkdv_tma=True, dkdv=(64, 128, 8, 3)),
-    "bwd-tma-dkdv-64x64x4x4": dict(dq_tma=True, dkdv_tma=True, dkdv=(64, 64, 4, 4)),
-    "bwd-tma-dkdv-128x64x8x2": dict(dq_tma=True, dkdv_tma=True, dkdv=(128, 64, 8, 2)),
+    "dkdv-64x64x4x2": dict(dkdv=(64, 64, 4, 2)),
+    "dkdv-64x64x4x3": dict(dkdv=(64, 64, 4, 3)),
+    "dkdv-64x64x4x4": dict(dkdv=(64, 64, 4, 4)),
+    "dkdv-64x64x4x5": dict(dkdv=(64, 64, 4, 5)),
+    "dkdv-32x64x4x2": dict(dkdv=(32, 64, 4, 2)),
+    "dkdv-32x64x4x3": dict(dkdv=(32, 64, 4, 3)),
 }
 
 

@@ -44,18 +44,17 @@ def test_bf16_fp16_forward_backward(name, kw, d, dtype):
 # for bs < 64)
 # and every kernel's programs in grid order, or heaviest tiles first; the forward's plain loop
 # (no folded scale, no TMA, no half tiles: the default uses them where it can), its whole
-# tile at once (no half tiles), and its K/V seen through a [B, H, N, D] buffer (no TMA there);
-# the backward's unmasked steps with K/V (dq) and Q/dO (dk/dv) loaded through TMA
+# tile at once (no half tiles), and its K/V seen through a [B, H, N, D] buffer (no TMA there)
 STRATEGIES = [dict(dkdv_split=False), dict(dkdv_masked_stages=2), dict(merge_k=True),
               dict(schedule="natural"), dict(schedule="lpt"), dict(fwd_fused=False, fwd_tma=False),
-              dict(fwd_halves=False), dict(transposed=True), dict(dq_tma=True, dkdv_tma=True)]
+              dict(fwd_halves=False), dict(transposed=True)]
 
 
 @pytest.mark.parametrize("name,kw", LAYOUTS, ids=[n for n, _ in LAYOUTS])
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=["one-loop", "masked-pipelined", "merge-k",
                                                          "natural-order", "lpt-order",
                                                          "plain-forward", "whole-tile-forward",
-                                                         "heads-apart", "backward-tma"])
+                                                         "heads-apart"])
 def test_backward_strategies(name, kw, strategy):
     _check_forward_backward(kw, 128, torch.bfloat16, strategy, hkv=4 if "merge_k" in strategy else 2)
 

@@ -97,9 +97,6 @@ CASES = [
     (64, dict(fwd_halves=True, fwd=(128, 64, 4, 2)), True, 4, 2, 64, 100, 250, 120, 20, torch.float16, "hetero", False),
     (16, dict(fwd_halves=True, fwd=(64, 64, 4, 2)), False, 2, 1, 80, 96, 160, None, 0, torch.float32, "random", False),
     (32, dict(fwd_halves=False), True, 4, 2, 64, 130, 200, 40, 0, torch.float16, "hetero", True),
-    # the backward's unmasked steps loading K/V (dq) and Q/dO (dk/dv) through TMA
-    (64, dict(dq_tma=True, dkdv_tma=True, bwd_m=64, bwd_n=64), True, 4, 2, 64, 100, 250, 120, 20, torch.float16, "hetero", False),
-    (32, dict(dq_tma=True, dkdv_tma=True, bwd_m=32, bwd_n=32), False, 2, 2, 64, 130, 150, 10, 0, torch.float32, "random", False),
 ]
 
 
@@ -189,18 +186,19 @@ def test_varlen_forward_negative_scale():
 
 
 def test_tma_descriptors_only_where_the_strides_allow():
-    """TMA takes whole-unit steps of K/V (or Q/dO) seen as [B * N, H * D]; anything else, or a
-    kernel with it turned off, falls back."""
+    """TMA takes whole-unit steps of K/V seen as [B * N, H * D]; anything else falls back."""
     b, n, h, d = 2, 64, 2, 32
     k = torch.zeros(b, n, h, d, dtype=torch.float16)
     tr = torch.zeros(b, h, n, d, dtype=torch.float16).transpose(1, 2)
-    descs = triton_launch._tma_descriptors(k, k, 32, 32, d, 32, False)
-    assert descs is not None and [list(x.shape) for x in descs] == [[b * n, h * d]] * 2
-    assert triton_launch._tma_descriptors(tr, tr, 32, 32, d, 32, False) is None  # heads apart
-    assert triton_launch._tma_descriptors(k, k, 32, 32, d, 16, False) is None    # 2 units a step
-    assert triton_launch._tma_descriptors(k, k, 32, 32, d, 32, True) is None     # varlen
-    assert triton_launch._tma_descriptors(k[..., :24], k[..., :24], 32, 32, 24, 32, False) is None
-    assert triton_launch._tma_descriptors(k, k, 32, 32, d, 32, False, enabled=False) is None
+    with triton_launch.kernel_config(fwd_tma=True):
+        descs = triton_launch._tma_descriptors(k, k, 32, 32, d, 32, False)
+        assert descs is not None and [list(x.shape) for x in descs] == [[b * n, h * d]] * 2
+        assert triton_launch._tma_descriptors(tr, tr, 32, 32, d, 32, False) is None  # heads apart
+        assert triton_launch._tma_descriptors(k, k, 32, 32, d, 16, False) is None    # 2 units a step
+        assert triton_launch._tma_descriptors(k, k, 32, 32, d, 32, True) is None     # varlen
+        assert triton_launch._tma_descriptors(k[..., :24], k[..., :24], 32, 32, 24, 32, False) is None
+    with triton_launch.kernel_config(fwd_tma=False):
+        assert triton_launch._tma_descriptors(k, k, 32, 32, d, 32, False) is None
 
 
 def test_empty_rows_give_zero_and_minus_inf():

@@ -8,8 +8,8 @@ minus the incoming gradient of lse, which is how gradients flow through lse.
 import triton
 import triton.language as tl
 
-from .triton_fwd import (_load_rows, _masked_scores, _program_ids, _row_offsets, _tile_entries,
-                         _unit_rows, _unmasked_kv)
+from .triton_fwd import (_full_kv, _load_rows, _masked_scores, _program_ids, _row_offsets,
+                         _tile_entries, _unit_rows)
 
 
 @triton.jit
@@ -37,15 +37,14 @@ def s2_bwd_dq_kernel(
     T_UNITS, T_BITS, T_NFULL, T_NTOT,
     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdon, sdoh, sdod,
     sdqb, sdqn, sdqh, sdqd, slb, slh, sln,
-    CU_Q, CU_K, ORDER, DESC_K, DESC_V,
+    CU_Q, CU_K, ORDER,
     Nq, Nk, q_start, k_start,
     H, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, m_first, n_prog_tiles,
     sm_scale, sm_scale_log2,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    INT64: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr, TMA: tl.constexpr = False,
+    INT64: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
 ):
-    """dq of one query tile; TMA: the unmasked steps' K/V tiles come through descriptors."""
     pid_m, b, h = _program_ids(ORDER, n_prog_tiles, H, ORDERED)
     hk = h // KV_GROUP
     q_off, k_off, nq, nk, qs, ks = _seq_geometry(CU_Q, CU_K, b, Nq, Nk, q_start, k_start, VARLEN)
@@ -102,10 +101,9 @@ def s2_bwd_dq_kernel(
 
     if nfull > 0:
         for e in range(0, nfull, G):
-            kk, vv, k_ok = _unmasked_kv(K, V, DESC_K, DESC_V, base_k, base_v, skn, skd, svn, svd,
-                                        T_UNITS, toff + e, b, hk, Nk, slot, within, offs_n,
-                                        offs_d, d_ok, ks, nk, HEAD_D, UNIT, G, INT64, VARLEN,
-                                        BLOCK_D == HEAD_D, TMA)
+            kk, vv, k_ok = _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, toff + e,
+                                    slot, within, offs_n, offs_d, d_ok, ks, nk, UNIT, G, INT64,
+                                    VARLEN, BLOCK_D == HEAD_D)
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
             if VARLEN:
                 s = tl.where(k_ok[None, :], s, float("-inf"))
@@ -131,26 +129,20 @@ def s2_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_step(e, toff, kk, vv, dk, dv, kpos, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, bq_h, bdo_h,
-               bl_h, b, h, Nq, T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq, slot, within,
-               offs_m, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, HEAD_D: tl.constexpr,
+def _dkdv_step(e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h, bl_h,
+               T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq, slot, within, offs_m,
+               offs_d, d_ok, sub_r, sm_scale, sm_scale_log2,
                UNIT: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                VARLEN: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr,
-               EVEN_D: tl.constexpr, TMA: tl.constexpr):
-    """One step of the dk/dv loop: a group of query units against the key tile. TMA: an
-    unmasked step's Q and dO rows (one unit, in bounds) come through descriptors."""
+               EVEN_D: tl.constexpr):
+    """One step of the dk/dv loop: a group of query units against the key tile."""
     qpos, u_ok = _unit_rows(T_UNITS, toff + e, slot, within, offs_m, UNIT, G)
     qrow = qpos - qs
     q_ok = u_ok & (qrow >= 0) & (qrow < nq)
-    if TMA and not MASKED:
-        r0 = b * Nq + tl.load(T_UNITS + toff + e) * UNIT - qs
-        q = DESC_Q.load([r0, h * HEAD_D])
-        do = DESC_DO.load([r0, h * HEAD_D])
-    else:
-        q = _load_rows(Q + bq_h + _row_offsets(qrow, sqn, INT64)[:, None] + offs_d[None, :] * sqd,
-                       q_ok, d_ok, MASKED or VARLEN, EVEN_D)
-        do = _load_rows(DO + bdo_h + _row_offsets(qrow, sdon, INT64)[:, None]
-                        + offs_d[None, :] * sdod, q_ok, d_ok, MASKED or VARLEN, EVEN_D)
+    q = _load_rows(Q + bq_h + _row_offsets(qrow, sqn, INT64)[:, None] + offs_d[None, :] * sqd,
+                   q_ok, d_ok, MASKED or VARLEN, EVEN_D)
+    do = _load_rows(DO + bdo_h + _row_offsets(qrow, sdon, INT64)[:, None] + offs_d[None, :] * sdod,
+                    q_ok, d_ok, MASKED or VARLEN, EVEN_D)
     lse = tl.load(LSE + bl_h + _row_offsets(qrow, sln, INT64), mask=q_ok, other=0.0)
     delta = tl.load(DELTA + bl_h + _row_offsets(qrow, sln, INT64), mask=q_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
@@ -177,19 +169,18 @@ def s2_bwd_dkdv_kernel(
     T_UNITS, T_BITS, T_NFULL, T_NTOT, T_SUBS,
     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdon, sdoh, sdod,
     sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd, slb, slh, sln,
-    CU_Q, CU_K, ORDER, DESC_Q, DESC_DO,
+    CU_Q, CU_K, ORDER,
     Nq, Nk, q_start, k_start,
     HKV, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, n_first, n_prog_tiles,
     sm_scale, sm_scale_log2,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     INT64: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, MASKED_STAGES: tl.constexpr,
-    GATHER_K: tl.constexpr, ORDERED: tl.constexpr, TMA: tl.constexpr = False,
+    GATHER_K: tl.constexpr, ORDERED: tl.constexpr,
 ):
     """dk and dv of one key tile. SPLIT runs the unmasked and masked entries as two loops (the
     masked one with MASKED_STAGES pipeline stages) instead of one loop with a branch. GATHER_K:
-    the tile's key blocks come from T_SUBS (merged key tiles) instead of being consecutive.
-    TMA: Q and dO of the unmasked steps through descriptors."""
+    the tile's key blocks come from T_SUBS (merged key tiles) instead of being consecutive."""
     pid_n, b, hk = _program_ids(ORDER, n_prog_tiles, HKV, ORDERED)
     q_off, k_off, nq, nk, qs, ks = _seq_geometry(CU_Q, CU_K, b, Nq, Nk, q_start, k_start, VARLEN)
     if VARLEN:
@@ -266,34 +257,32 @@ def s2_bwd_dkdv_kernel(
             if nfull > 0:
                 for e in range(0, nfull, G):
                     dk, dv = _dkdv_step(
-                        e, toff, kk, vv, dk, dv, kpos, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, bq_h,
-                        bdo_h, bl_h, b, h, Nq, T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq,
-                        slot, within, offs_m, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, HEAD_D,
-                        UNIT, G, False, CAUSAL, VARLEN, INT64, DOT_PREC, BLOCK_D == HEAD_D, TMA)
+                        e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h, bl_h,
+                        T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq, slot,
+                        within, offs_m, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT, G, False,
+                        CAUSAL, VARLEN, INT64, DOT_PREC, BLOCK_D == HEAD_D)
             if ntot > nfull:
                 for e in tl.range(nfull, ntot, G, num_stages=MASKED_STAGES):
                     dk, dv = _dkdv_step(
-                        e, toff, kk, vv, dk, dv, kpos, Q, DO, DESC_Q, DESC_DO, LSE, DELTA, bq_h,
-                        bdo_h, bl_h, b, h, Nq, T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq,
-                        slot, within, offs_m, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, HEAD_D,
-                        UNIT, G, True, CAUSAL, VARLEN, INT64, DOT_PREC, BLOCK_D == HEAD_D, TMA)
+                        e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h, bl_h,
+                        T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs, nq, slot,
+                        within, offs_m, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2, UNIT, G, True,
+                        CAUSAL, VARLEN, INT64, DOT_PREC, BLOCK_D == HEAD_D)
         else:
             if ntot > 0:
                 for e in range(0, ntot, G):
                     if e >= nfull:
                         dk, dv = _dkdv_step(
-                            e, toff, kk, vv, dk, dv, kpos, Q, DO, DESC_Q, DESC_DO, LSE, DELTA,
-                            bq_h, bdo_h, bl_h, b, h, Nq, T_UNITS, T_BITS, sqn, sqd, sdon, sdod,
-                            sln, qs, nq, slot, within, offs_m, offs_d, d_ok, sub_r, sm_scale,
-                            sm_scale_log2, HEAD_D, UNIT, G, True, CAUSAL, VARLEN, INT64, DOT_PREC,
-                            BLOCK_D == HEAD_D, TMA)
+                            e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h,
+                            bl_h, T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs,
+                            nq, slot, within, offs_m, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2,
+                            UNIT, G, True, CAUSAL, VARLEN, INT64, DOT_PREC, BLOCK_D == HEAD_D)
                     else:
                         dk, dv = _dkdv_step(
-                            e, toff, kk, vv, dk, dv, kpos, Q, DO, DESC_Q, DESC_DO, LSE, DELTA,
-                            bq_h, bdo_h, bl_h, b, h, Nq, T_UNITS, T_BITS, sqn, sqd, sdon, sdod,
-                            sln, qs, nq, slot, within, offs_m, offs_d, d_ok, sub_r, sm_scale,
-                            sm_scale_log2, HEAD_D, UNIT, G, False, CAUSAL, VARLEN, INT64, DOT_PREC,
-                            BLOCK_D == HEAD_D, TMA)
+                            e, toff, kk, vv, dk, dv, kpos, Q, DO, LSE, DELTA, bq_h, bdo_h,
+                            bl_h, T_UNITS, T_BITS, sqn, sqd, sdon, sdod, sln, qs,
+                            nq, slot, within, offs_m, offs_d, d_ok, sub_r, sm_scale, sm_scale_log2,
+                            UNIT, G, False, CAUSAL, VARLEN, INT64, DOT_PREC, BLOCK_D == HEAD_D)
 
     dk = dk * sm_scale
     tl.store(DK + base_dk + _row_offsets(krow, sdkn, INT64)[:, None] + offs_d[None, :] * sdkd,

@@ -22,7 +22,6 @@ def kernel_config(**kw):
     merge_k (dk/dv key tiles grouped by attendance when blocks are smaller than the tile),
     schedule ("lpt": heaviest tiles first, or "natural": grid order; schedule_fwd, schedule_dq,
     schedule_dkdv for one kernel), fwd_fused, fwd_tma, fwd_halves (forward loop variants, see _FWD),
-    dq_tma, dkdv_tma (the backward's unmasked steps load K/V, or Q/dO, through TMA; see _BWD),
     fwd_splits (split-K factor of the forward, see _fwd_splits)."""
     old = dict(_OVERRIDE)
     _OVERRIDE.update(kw)
@@ -61,7 +60,6 @@ _TUNED = {
     ("dq", 256, None): (32, 32, 8, 1),
     ("dkdv", 64, None): (64, 64, 4, 2),
     ("dkdv", 128, None): (64, 64, 4, 3),
-    ("dkdv", 128, 64): (32, 64, 4, 2),
     ("dkdv", 256, None): (32, 32, 8, 1),
 }
 
@@ -71,7 +69,7 @@ _TUNED = {
 # loop unpipelined (1 stage) like the forward's; blocks smaller than its key tile are grouped
 # into tiles by attendance ("merge_k": backward 1.7x faster at bs16, 1.25x at bs32,
 # results/tune_bwd_merge_h100_32k.json).
-_BWD = {"split": True, "masked_stages": 1, "merge_k": True, "dq_tma": False, "dkdv_tma": False}
+_BWD = {"split": True, "masked_stages": 1, "merge_k": True}
 
 
 # Launch order per kernel: "lpt" runs the heaviest tiles first (longest processing time first,
@@ -103,12 +101,11 @@ def _fwd_halves(bm, fused, varlen, splits):
     return bool(forced) or (bm >= 128 and _FWD["halves"])
 
 
-def _tma_descriptors(k, v, bn, bd, d, unit, varlen, enabled=True):
-    """2-D TMA descriptors over two [batch, tokens, heads, dim] tensors (K and V, or Q and dO)
-    seen as [batch * tokens, heads * dim], tiles of ``bn`` rows, or None where a kernel cannot
-    use them (turned off, not a GPU with TMA, varlen, several units per step, padded head dim,
-    or strides TMA cannot express)."""
-    if not enabled or varlen or unit != bn or bd != d:
+def _tma_descriptors(k, v, bn, bd, d, unit, varlen):
+    """2-D TMA descriptors over K and V seen as [batch * tokens, heads * dim], or None where
+    the forward cannot use them (not a GPU with TMA, varlen, several units per step, padded head
+    dim, or strides TMA cannot express)."""
+    if varlen or unit != bn or bd != d or not _fwd_variant("tma"):
         return None
     if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
         return None
@@ -260,7 +257,7 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
     # decode steps (16-row tiles) change lengths every call: grid order, no per-length table
     order = None if bm == 16 else _program_order(tab, hq, 1, tab_group, m_first, n_m, "fwd")
-    descs = _tma_descriptors(k, v, bn, _block_d(d), d, tab.unit, varlen, _fwd_variant("tma"))
+    descs = _tma_descriptors(k, v, bn, _block_d(d), d, tab.unit, varlen)
     fused = _fwd_variant("fused") and sm_scale != 0
     busy_tiles = batch * hq * ((-(-max_q // bm) + 1) if varlen else n_m)
     splits = _fwd_splits(bm, busy_tiles, tab.units.shape[-1] // max(1, bn // tab.unit), q.device)
@@ -364,10 +361,6 @@ def backward(do, dlse, q, k, v, out, lse, layout, causal, sm_scale, q_start, k_s
     if batch == 0 or q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     int64 = _needs_int64(q, k, v, do)
-    dq_descs = _tma_descriptors(k, v, bn, _block_d(d), d, tab_q.unit, varlen,
-                                _OVERRIDE.get("dq_tma", _BWD["dq_tma"]))
-    dkdv_descs = _tma_descriptors(q, do, km, _block_d(d), d, tab_k.unit, varlen,
-                                  _OVERRIDE.get("dkdv_tma", _BWD["dkdv_tma"]))
     common = dict(HEAD_D=d, BLOCK_D=_block_d(d), CAUSAL=causal, VARLEN=varlen, INT64=int64,
                   DOT_PREC=_dot_precision(q.dtype))
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
@@ -377,10 +370,10 @@ def backward(do, dlse, q, k, v, out, lse, layout, causal, sm_scale, q_start, k_s
                 q, k, v, do, lse, delta, dq, tab_q.units, tab_q.bits, tab_q.nfull, tab_q.ntot,
                 *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
                 *_strides4(do, varlen), *_strides4(dq, varlen), *sl, cu_q, cu_k,
-                order if order is not None else tab_q.ntot, *(dq_descs or (k, v)), nq, nk, qs, ks,
+                order if order is not None else tab_q.ntot, nq, nk, qs, ks,
                 hq, hq // hkv, tab_group, tab_q.t0, tab_q.num_tiles, tab_q.units.shape[-1], m_first,
                 n_m, sm_scale, sm_scale * 1.4426950408889634, UNIT=tab_q.unit, SUB=tab_q.sub,
-                BLOCK_M=bm, BLOCK_N=bn, ORDERED=order is not None, TMA=dq_descs is not None,
+                BLOCK_M=bm, BLOCK_N=bn, ORDERED=order is not None,
                 num_warps=warps, num_stages=stages, **common)
         else:
             dq.zero_()
@@ -391,13 +384,11 @@ def backward(do, dlse, q, k, v, out, lse, layout, causal, sm_scale, q_start, k_s
                 tab_k.subs if tab_k.subs is not None else tab_k.units, *_strides4(q, varlen),
                 *_strides4(k, varlen), *_strides4(v, varlen),
                 *_strides4(do, varlen), *_strides4(dk, varlen), *_strides4(dv, varlen), *sl,
-                cu_q, cu_k, order if order is not None else tab_k.ntot, *(dkdv_descs or (q, do)),
-                nq, nk, qs, ks,
+                cu_q, cu_k, order if order is not None else tab_k.ntot, nq, nk, qs, ks,
                 hkv, hq // hkv, tab_group, tab_k.t0, tab_k.num_tiles, tab_k.units.shape[-1], n_first,
                 n_n, sm_scale, sm_scale * 1.4426950408889634, UNIT=tab_k.unit, SUB=tab_k.sub,
                 BLOCK_M=km, BLOCK_N=kn, SPLIT=split, MASKED_STAGES=masked_stages,
                 GATHER_K=tab_k.subs is not None, ORDERED=order is not None,
-                TMA=dkdv_descs is not None,
                 num_warps=kwarps, num_stages=kstages, **common)
         else:
             dk.zero_()
