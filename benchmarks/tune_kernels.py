@@ -153,6 +153,7 @@ SCHEDULES = {
     "fwd-whole": dict(fwd_halves=False),
     "fwd-halves-x2": dict(fwd_halves=True, fwd=(128, 64, 4, 2)),
     "fwd-halves-x4": dict(fwd_halves=True, fwd=(128, 64, 4, 4)),
+    "fwd-whole-128x64x4x3": dict(fwd_halves=False, fwd=(128, 64, 4, 3)),
     "dkdv-64x64x4x2": dict(dkdv=(64, 64, 4, 2)),
     "dkdv-64x64x4x3": dict(dkdv=(64, 64, 4, 3)),
     "dkdv-64x64x4x4": dict(dkdv=(64, 64, 4, 4)),
