@@ -108,7 +108,7 @@ def _unmasked_kv(K, V, DESC_K, DESC_V, base_k, base_v, skn, skd, svn, svd, T_UNI
         r0 = b * Nk + u * UNIT - ks
         kk = DESC_K.load([r0, hk * HEAD_D])
         vv = DESC_V.load([r0, hk * HEAD_D])
-        k_ok = offs_n < UNIT * G
+        k_ok = offs_n < UNIT * G  # all true: TMA steps are whole and in bounds
     else:
         kk, vv, k_ok = _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, idx, slot, within,
                                 offs_n, offs_d, d_ok, ks, nk, UNIT, G, INT64, VARLEN, EVEN_D)
