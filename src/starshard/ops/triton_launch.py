@@ -39,8 +39,13 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _next_pow2(n):
+    # plain Python: triton.next_power_of_2 costs ~3 us a call on the host, several per decode step
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def _block_d(d):
-    return max(16, triton.next_power_of_2(d))
+    return max(16, _next_pow2(d))
 
 
 # Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by
@@ -289,7 +294,7 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         if splits > 1:
             s2_merge_splits_kernel[(l_dst.shape[1],)](
                 o_dst, l_dst, out, lse, splits, hq, q.shape[0] if varlen else nq,
-                HEAD_D=d, BLOCK_D=_block_d(d), BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
+                HEAD_D=d, BLOCK_D=_block_d(d), BLOCK_S=_next_pow2(splits), num_warps=4)
     return out, lse
 
 
