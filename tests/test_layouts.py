@@ -816,24 +816,50 @@ def test_tile_table_unit_errors_and_cache():
         assert tile_table(lay, **{**kw, "q_range": q_range, "k_range": k_range}) is not a
 
 
+def test_decode_steps_share_a_table_until_the_keys_cross_a_unit():
+    """A decode step (one query on a 16-row tile, keys up to it) reuses the table of the steps
+    before it across query tiles, as long as its keys stay in one unit."""
+    lay = local_stride(2, 64, 2, 4)
+    kw = dict(transpose=False, tile=16, unit=64, group=1, causal=True, exact_bounds=True,
+              device="cpu")
+
+    def step(p):
+        return tile_table(lay, q_range=(p, p + 1), k_range=(0, p + 1), **kw)
+
+    first = step(200)            # query tile 12; keys end inside unit 3 (192..255)
+    assert all(step(p) is first for p in (201, 208, 230, 254))   # tiles 12..15, same unit
+    assert step(255) is not first   # keys 0..255: unit 3 now whole
+    assert step(256) is not first and step(256) is not step(255)   # a new unit
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.sampled_from([(64, 16, 16), (64, 32, 64), (32, 16, 32), (16, 16, 16), (128, 64, 128)]),
        st.booleans(), st.booleans(), st.booleans(), st.integers(0, 200), st.integers(0, 130),
        st.integers(0, 200), st.integers(0, 130), st.integers(0, 10**6))
 def test_tile_table_cache_shares_only_identical_tables(shape, transpose, causal, exact, q_lo, q_n,
                                                         k_lo, k_n, seed):
-    """Whatever ranges the cache maps to one entry, the table equals a fresh build for the exact
-    ranges asked for (decode steps reuse tables across lengths)."""
+    """Whatever ranges the cache maps to one entry, the table's rows for the tiles of the exact
+    ranges asked for equal a fresh build's (decode steps reuse tables across lengths; a cached
+    table may hold a few more tiles, which the kernels then do not launch)."""
     tile, unit, bs = shape
     lay = BlockLayout.from_mask(_rand_mask((2, 12, 12), seed % 1000, p=0.5), bs)
     kw = dict(transpose=transpose, tile=tile, unit=unit, group=1 + seed % 2, causal=causal,
               exact_bounds=exact, device="cpu", q_range=(q_lo, q_lo + q_n),
               k_range=(k_lo, k_lo + k_n))
     got, ref = tile_table(lay, **kw), build_tile_table(lay, **kw)
-    assert (got.t0, got.tile, got.unit, got.sub, got.group) == (ref.t0, ref.tile, ref.unit,
-                                                                 ref.sub, ref.group)
-    for name in ("units", "bits", "nfull", "ntot"):
-        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert (got.tile, got.unit, got.sub, got.group) == (ref.tile, ref.unit, ref.sub, ref.group)
+    if ref.num_tiles == 0:
+        return
+    lo = ref.t0 - got.t0
+    assert 0 <= lo and lo + ref.num_tiles <= got.num_tiles
+    assert got.num_tiles * tile <= ref.num_tiles * tile + 2 * max(tile, unit)
+    rows = slice(lo, lo + ref.num_tiles)
+    for name in ("nfull", "ntot"):
+        assert torch.equal(getattr(got, name)[:, rows], getattr(ref, name)), name
+    width = ref.units.shape[-1]
+    assert torch.all(got.units[:, rows, width:] == -1) and torch.all(got.bits[:, rows, width:] == 0)
+    for name in ("units", "bits"):
+        assert torch.equal(getattr(got, name)[:, rows, :width], getattr(ref, name)), name
 
 
 # ---------------------------------------------------------------------------------------------

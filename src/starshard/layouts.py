@@ -368,14 +368,17 @@ _TABLE_LOCK = threading.Lock()
 
 
 def _canonical_ranges(transpose, tile, unit, q_range, k_range):
-    """The one (q_range, k_range) standing for every pair of ranges that gives the same table:
-    the tile axis counts only which tiles it touches, the unit axis which units it touches and
-    which of them lie wholly inside. A decode step, one key further each call, then reuses the
-    table until it crosses a unit or tile boundary instead of building one per length."""
+    """The one (q_range, k_range) standing for every pair of ranges that gives the same table
+    rows: the tile axis counts only which spans of max(tile, unit) positions it touches (a table
+    with a few more tiles than launched serves the launched ones unchanged), the unit axis which
+    units it touches and which of them lie wholly inside. A decode step, one key and one query
+    further each call, then reuses the table until it crosses a unit boundary instead of
+    building one per length or per query tile."""
     t_rng, u_rng = (k_range, q_range) if transpose else (q_range, k_range)
     t_lo, t_hi = t_rng
     if t_hi > t_lo:
-        t_rng = (t_lo // tile * tile, ((t_hi - 1) // tile + 1) * tile)
+        span = max(tile, unit)   # both powers of two: a multiple of each
+        t_rng = (t_lo // span * span, ((t_hi - 1) // span + 1) * span)
     u_lo, u_hi = u_rng
     if u_hi > u_lo:
         if u_lo % unit:   # inside the first unit: it sticks out whatever the exact start

@@ -364,6 +364,22 @@ def test_split_k_forward_backward(nq, causal, splits, kind, offsets):
         assert (a.double() - b).abs().max() <= 5e-5 + 1e-4 * b.abs().max(), name
 
 
+def test_decode_steps_on_shared_tables():
+    """Decode steps one key further each call, on block-64 units: steps in several query tiles
+    share one table (its extra tiles are not launched) and each matches the reference."""
+    hq, hkv, d = 4, 2, 32
+    layout = ss.local_stride(hq, 64, 1, 2, num_kv_heads=hkv)
+    q_all, k, v = _inputs(1, 70, 270, hq, hkv, d, torch.float32, False, seed=11)
+    with triton_launch.kernel_config(poison=True):
+        for m in (193, 200, 209, 240, 255, 256, 257, 270):
+            q = q_all[:, m - 201:m - 200] if m > 200 else q_all[:, :1]
+            out, lse = ss.sparse_attention(q, k[:, :m], v[:, :m], layout, return_lse=True,
+                                           backend="triton")
+            ref, ref_lse = reference_attention(q, k[:, :m], v[:, :m], layout)
+            torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+            torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
+
+
 def test_split_k_varlen_decode_batch():
     """A packed decode batch (one query per sequence, ragged and empty KV) split over keys."""
     hq, hkv, d = 4, 2, 32
