@@ -9,8 +9,9 @@ Each step calls ``starshard.sparse_attention`` on a [1, 1, H, D] query against t
 for the GPU at the end of the loop; the time per step includes building any layout table that
 step needs. Variants: "shared" (the library: lengths whose tables are identical share one),
 "per-length" (the table cache keyed by the exact lengths, as before the sharing), "cached" (the
-same lengths again, every table already built: the floor) and SDPA over all keys (dense, for
-scale). The last step's output is checked against ``backend='torch'``.
+same lengths again, every table already built: the floor), "packed" (cached, with the query
+heads of a GQA group in one decode tile: ``kernel_config(fwd_pack=True)``) and SDPA over all
+keys (dense, for scale). The last step's output is checked against ``backend='torch'``.
 
 ``--host-only`` times the host side of a step on the CPU: the Triton backend with the kernel
 launches stubbed out, as an inference call (no autograd: the op skips the custom-op dispatch)
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import _common  # noqa: E402
 import starshard as ss  # noqa: E402
 from starshard import layouts as L  # noqa: E402
+from starshard.ops import triton_launch as TL  # noqa: E402
 
 LAYOUTS = {
     "bs64_l16_s16": dict(block_size=64, local_blocks=16, vert_stride=16),
@@ -61,21 +63,23 @@ def run_case(name, n, steps, h, hkv, d, device, dtype):
     ss.sparse_attention(q, k[:, :n], v[:, :n], lay)   # compile outside the timing
     rows = []
     original = L._canonical_ranges
-    for variant in ("per-length", "shared", "cached"):
-        if variant != "cached":
+    ref = ss.sparse_attention(q.float(), k[:, :n + steps].float(), v[:, :n + steps].float(), lay,
+                              backend="torch")
+    for variant in ("per-length", "shared", "cached", "packed"):
+        if variant in ("per-length", "shared"):
             L._TABLE_CACHE.clear()
         if variant == "per-length":
             L._canonical_ranges = lambda transpose, tile, unit, q_range, k_range: (q_range, k_range)
         try:
-            ms, out = _loop(step, n, steps, device)
+            with TL.kernel_config(fwd_pack=variant == "packed"):
+                if variant == "packed":
+                    step(n)   # compile outside the timing
+                ms, out = _loop(step, n, steps, device)
         finally:
             L._canonical_ranges = original
-        rows.append(dict(layout=name, n=n, steps=steps, variant=variant, ms_per_step=ms))
-    ref = ss.sparse_attention(q.float(), k[:, :n + steps].float(), v[:, :n + steps].float(), lay,
-                              backend="torch")
-    err = (out.float() - ref).abs().max().item()
-    for r in rows:
-        r["max_abs_err_last_step"] = err
+        err = (out.float() - ref).abs().max().item()
+        rows.append(dict(layout=name, n=n, steps=steps, variant=variant, ms_per_step=ms,
+                         max_abs_err_last_step=err))
     sdpa = lambda m: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
         q.transpose(1, 2), k[:, :m].transpose(1, 2), v[:, :m].transpose(1, 2), enable_gqa=True)
     _loop(sdpa, n, steps, device)   # warm-up: the first loops over a new shape run slower
@@ -85,7 +89,6 @@ def run_case(name, n, steps, h, hkv, d, device, dtype):
 
 
 def host_only(a):
-    from starshard.ops import triton_launch as TL
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--host-only needs TRITON_INTERPRET=1 (the Triton backend on CPU tensors)")
 

@@ -168,6 +168,25 @@ def test_decode_split_k_bf16(name, kw):
     _bound(out, ref, same, 2e-3)
 
 
+@pytest.mark.parametrize("splits", [None, 9])
+def test_decode_packed_gqa_bf16(splits):
+    """One query over 32k keys (GQA 32/8, bf16) with the four query heads of each KV head in
+    one decode tile (their K/V read once), whole and split over keys."""
+    torch.manual_seed(5)
+    n, hq, hkv = 32768, 32, 8
+    layout = ss.local_stride(hq, 64, 16, 16, num_kv_heads=hkv)
+    q = torch.randn(1, 1, hq, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, n, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    force = {} if splits is None else dict(fwd_splits=splits)
+    with triton_launch.kernel_config(poison=True, fwd_pack=True, **force):
+        assert triton_launch._fwd_pack(16, False, hq, hkv, hq // hkv) == 4
+        out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, layout, dtype=torch.float32)
+    same, _ = reference_attention(q, k, v, layout, dtype=torch.bfloat16)
+    _bound(out, ref, same, 2e-3)
+    assert (lse - ref_lse).abs().max().item() < 1e-3
+
+
 def test_int64_offsets_past_2_31_elements():
     """q/k/v of 2**31+ elements each: the kernels must index with int64."""
     free = torch.cuda.mem_get_info()[0]

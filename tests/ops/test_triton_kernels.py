@@ -380,6 +380,39 @@ def test_decode_steps_on_shared_tables():
             torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("hq,hkv,kind,bs,nq,causal,offsets,splits", [
+    (8, 2, "gqa_shared", 64, 1, True, (None, 0), None),       # 4 heads a tile, 4 rows each
+    (8, 1, "gqa_shared", 32, 3, True, (None, 40), None),      # 8 heads, 2 rows: 2 tiles
+    (4, 1, "random_shared", 16, 5, False, (70, 0), None),     # one pattern, non-causal, offset
+    (16, 1, "gqa_shared", 64, 2, True, (None, 0), 3),         # 16 heads, 1 row each; split-K
+    (8, 2, "hetero", 64, 1, True, (None, 0), None),           # patterns differ: not packed
+    (6, 2, "gqa_shared", 32, 1, True, (None, 0), None),       # 3 heads do not divide 16 rows
+])
+def test_decode_packs_the_heads_of_a_gqa_group(hq, hkv, kind, bs, nq, causal, offsets, splits):
+    """A decode tile holding every query head of a KV head (their K/V read once) gives the
+    reference's out and lse, with query and key offsets, split-K, and tiles of one row."""
+    d, nk = 32, 300
+    if kind == "random_shared":
+        g = torch.Generator().manual_seed(hq)
+        layout = ss.BlockLayout.from_mask(torch.rand(24, 24, generator=g) < 0.5, bs)
+    else:
+        layout = _layout(kind, hq, hkv, bs, causal)
+    tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
+    with triton_launch.kernel_config(fwd_pack=True):
+        pack = triton_launch._fwd_pack(16, False, hq, hkv, tab_group)
+    assert pack == (1 if kind == "hetero" or 16 % (hq // hkv) else hq // hkv)
+    q, k, v = _inputs(2, nq, nk, hq, hkv, d, torch.float32, False, seed=hq + nq)
+    kw = dict(causal=causal, q_start=offsets[0], k_start=offsets[1])
+    force = {} if splits is None else dict(fwd_splits=splits)
+    with triton_launch.kernel_config(poison=True, fwd_pack=True, **force):
+        out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True, backend="triton", **kw)
+    ref, ref_lse = reference_attention(q, k, v, layout, **kw)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=2e-5, rtol=0)
+
+
 def test_split_k_varlen_decode_batch():
     """A packed decode batch (one query per sequence, ragged and empty KV) split over keys."""
     hq, hkv, d = 4, 2, 32

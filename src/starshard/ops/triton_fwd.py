@@ -192,15 +192,17 @@ def _masked_softmax_pv(s, vv, m_i, l_i, acc, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _store_rows(O, LSE, base_o, base_l, rows, row_ok, offs_d, d_ok, m_i, l_i, acc, son, sod, sln,
-                INT64: tl.constexpr):
-    """Normalise and store a tile's rows: output 0 and lse -inf where a row saw no key."""
+                head_o, head_l, INT64: tl.constexpr):
+    """Normalise and store a tile's rows: output 0 and lse -inf where a row saw no key.
+    ``head_o``/``head_l``: each row's offset for its head where a tile packs several (else 0)."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + base_o + _row_offsets(rows, son, INT64)[:, None] + offs_d[None, :] * sod,
+    ro = _row_offsets(rows, son, INT64) + head_o
+    tl.store(O + base_o + ro[:, None] + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + base_l + _row_offsets(rows, sln, INT64), lse, mask=row_ok)
+    tl.store(LSE + base_l + _row_offsets(rows, sln, INT64) + head_l, lse, mask=row_ok)
 
 
 @triton.jit
@@ -293,9 +295,9 @@ def _fwd_tile_halves(Q, O, LSE, K, V, DESC_K, DESC_V, T_UNITS, T_BITS, toff, nfu
         m_b, l_b, acc_b = _masked_softmax_pv(s_b, vv, m_b, l_b, acc_b, DOT_PREC)
 
     _store_rows(O, LSE, base_o, base_l, rows_a, ok_a, offs_d, d_ok, m_a, l_a, acc_a, son, sod, sln,
-                INT64)
+                0, 0, INT64)
     _store_rows(O, LSE, base_o, base_l, rows_b, ok_b, offs_d, d_ok, m_b, l_b, acc_b, son, sod, sln,
-                INT64)
+                0, 0, INT64)
 
 
 @triton.jit
@@ -312,10 +314,14 @@ def s2_fwd_kernel(
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     INT64: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
     FUSED: tl.constexpr, POS_SCALE: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr,
-    HALVES: tl.constexpr = False,
+    HALVES: tl.constexpr = False, PACK: tl.constexpr = 1,
 ):
+    # PACK > 1 (decode tiles): one program takes PACK query heads of one KV head, BLOCK_M // PACK
+    # query positions each, so the K/V of a GQA group is read once; H counts head packs
     pid_m, b, h = _program_ids(ORDER, n_prog_tiles, H, ORDERED)
+    h = h * PACK
     hk = h // KV_GROUP
+    TQ: tl.constexpr = BLOCK_M // PACK   # query positions per tile
     if VARLEN:
         q_off = tl.load(CU_Q + b)
         k_off = tl.load(CU_K + b)
@@ -345,7 +351,7 @@ def s2_fwd_kernel(
     base_v += hk.to(tl.int64) * svh
 
     m = m_first + pid_m
-    if (m * BLOCK_M - qs >= nq) | ((m + 1) * BLOCK_M - qs <= 0):
+    if (m * TQ - qs >= nq) | ((m + 1) * TQ - qs <= 0):
         return
     nfull, ntot, toff = _tile_entries(T_NFULL, T_NTOT, h // TAB_GROUP, m, t0, n_tab_tiles, tab_len)
     if HALVES:
@@ -355,13 +361,26 @@ def s2_fwd_kernel(
                          BLOCK_D, BLOCK_M, BLOCK_N, UNIT, SUB, CAUSAL, INT64, DOT_PREC, POS_SCALE,
                          TMA)
         return
-    pos_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK > 1:   # row r: head h + r // TQ, position m * TQ + r % TQ
+        r_pos = tl.arange(0, BLOCK_M) % TQ
+        r_head = (tl.arange(0, BLOCK_M) // TQ).to(tl.int64)
+        pos_m = m * TQ + r_pos
+        sub_r = r_pos // SUB
+        head_q = r_head * sqh
+        head_o = r_head * soh
+        head_l = r_head * slh
+    else:
+        pos_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+        sub_r = tl.arange(0, BLOCK_M) // SUB
+        head_q = 0
+        head_o = 0
+        head_l = 0
     rows = pos_m - qs
     row_ok = (rows >= 0) & (rows < nq)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
-    q = tl.load(Q + base_q + _row_offsets(rows, sqn, INT64)[:, None] + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(Q + base_q + (_row_offsets(rows, sqn, INT64) + head_q)[:, None]
+                + offs_d[None, :] * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     G: tl.constexpr = BLOCK_N // UNIT
     if SPLIT:  # split-K: this program takes one of n_splits equal runs of the tile's entries
@@ -384,7 +403,6 @@ def s2_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     slot = offs_n // UNIT
     within = offs_n % UNIT
-    sub_r = tl.arange(0, BLOCK_M) // SUB
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -422,7 +440,7 @@ def s2_fwd_kernel(
             UNIT, G, CAUSAL, INT64, DOT_PREC, FUSED)
 
     _store_rows(O, LSE, base_o, base_l, rows, row_ok, offs_d, d_ok, m_i, l_i, acc, son, sod, sln,
-                INT64)
+                head_o, head_l, INT64)
 
 
 # A decode step adds a key each call: this copy of the kernel does not specialise on the lengths

@@ -21,7 +21,8 @@ def kernel_config(**kw):
     unmasked and masked entries in two loops, or one loop with a branch), dkdv_masked_stages,
     merge_k (dk/dv key tiles grouped by attendance when blocks are smaller than the tile),
     schedule ("lpt": heaviest tiles first, or "natural": grid order; schedule_fwd, schedule_dq,
-    schedule_dkdv for one kernel), fwd_fused, fwd_tma, fwd_halves (forward loop variants, see _FWD),
+    schedule_dkdv for one kernel), fwd_fused, fwd_tma, fwd_halves, fwd_pack (forward loop variants,
+    see _FWD),
     fwd_splits (split-K factor of the forward, see _fwd_splits)."""
     old = dict(_OVERRIDE)
     _OVERRIDE.update(kw)
@@ -90,7 +91,8 @@ _SCHEDULE = {"fwd": "natural", "dq": "lpt", "dkdv": "lpt"}
 # halves so that one half's P @ V overlaps the other's softmax: -6% to -10% at 32k on an H200
 # at D=128 (bs128 2.32-2.34 -> 2.18 ms, dense 16.9-17.8 -> 16.1), -2% to -6% at D=64, but 2x
 # slower on 64-row tiles (32-row halves), so only tiles of >= 128 rows use it (NOTES.md).
-_FWD = {"fused": True, "tma": True, "halves": True}
+# "pack" puts the query heads of a GQA group in one decode tile (_fwd_pack): off until timed.
+_FWD = {"fused": True, "tma": True, "halves": True, "pack": False}
 
 
 def _fwd_variant(name):
@@ -104,6 +106,17 @@ def _fwd_halves(bm, fused, varlen, splits):
     if not fused or varlen or splits > 1 or bm < 32 or forced is False:
         return False
     return bool(forced) or (bm >= 128 and _FWD["halves"])
+
+
+def _fwd_pack(bm, varlen, hq, hkv, tab_group):
+    """Query heads per program of a decode launch (16-row tiles): the whole GQA group where its
+    heads share one pattern and it divides the tile's rows, so that their K/V is read once, else
+    1. Off by default until timed on a GPU; ``kernel_config(fwd_pack=True)`` turns it on."""
+    g = hq // hkv
+    if (bm != 16 or varlen or g < 2 or bm % g or tab_group % g
+            or not _OVERRIDE.get("fwd_pack", _FWD["pack"])):
+        return 1
+    return g
 
 
 def _tma_descriptors(k, v, bn, bd, d, unit, varlen):
@@ -237,8 +250,11 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     hq, hkv = q.shape[-2], k.shape[-2]
     bm, bn, warps, stages = fwd_config(layout.block_size, d, q.dtype,
                                        max_q if varlen else q.shape[1])
+    tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
+    pack = _fwd_pack(bm, varlen, hq, hkv, tab_group)
+    tq = bm // pack   # query positions per tile
     q_range, k_range = _geometry(q, k, q_start, k_start, varlen, max_q, max_k)
-    tab = _tables(layout, False, bm, bn, bn, q_range, k_range, causal, varlen, q.device)
+    tab = _tables(layout, False, tq, bn, bn, q_range, k_range, causal, varlen, q.device)
     out = _empty(q.shape, q.dtype, q.device)
     if varlen:
         batch = cu_q.numel() - 1
@@ -252,21 +268,20 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         lse = _empty((batch, hq, nq), torch.float32, q.device)
         sl = tuple(lse.stride())
         qs, ks = q_start, k_start
-        m_first = qs // bm
-        n_m = -(-(qs + nq) // bm) - m_first
+        m_first = qs // tq
+        n_m = -(-(qs + nq) // tq) - m_first
         cu_q = cu_k = out  # unused placeholders
     if n_m <= 0 or batch == 0 or q.numel() == 0 or k.numel() == 0:
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
     # decode steps (16-row tiles) change lengths every call: grid order, no per-length table
     order = None if bm == 16 else _program_order(tab, hq, 1, tab_group, m_first, n_m, "fwd")
     descs = _tma_descriptors(k, v, bn, _block_d(d), d, tab.unit, varlen)
     fused = _fwd_variant("fused") and sm_scale != 0
-    busy_tiles = batch * hq * ((-(-max_q // bm) + 1) if varlen else n_m)
+    busy_tiles = batch * (hq // pack) * ((-(-max_q // bm) + 1) if varlen else n_m)
     splits = _fwd_splits(bm, busy_tiles, tab.units.shape[-1] // max(1, bn // tab.unit), q.device)
-    grid = _grid(order, n_m, hq, batch)
+    grid = _grid(order, n_m, hq // pack, batch)
     halves = _fwd_halves(bm, fused, varlen, splits)
     o_dst, l_dst, so, split_strides = out, lse, _strides4(out, varlen), (0, 0)
     if splits > 1:   # partials per split into fp32 buffers, rows (b, n, h) for both
@@ -284,13 +299,14 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *so,
             *sl, cu_q, cu_k, order if order is not None else tab.ntot,
             *(descs if descs is not None else (k, v)), nq, nk, qs, ks,
-            hq, hq // hkv, tab_group, tab.t0, tab.num_tiles, tab.units.shape[-1], m_first, n_m,
+            hq // pack, hq // hkv, tab_group, tab.t0, tab.num_tiles, tab.units.shape[-1], m_first,
+            n_m,
             sm_scale * 1.4426950408889634, splits, *split_strides,
             HEAD_D=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, UNIT=tab.unit, SUB=tab.sub,
             CAUSAL=causal, VARLEN=varlen, INT64=_needs_int64(q, k, v),
             DOT_PREC=_dot_precision(q.dtype), ORDERED=order is not None,
             FUSED=fused, POS_SCALE=sm_scale > 0, TMA=descs is not None, SPLIT=splits > 1,
-            HALVES=halves, num_warps=warps, num_stages=stages)
+            HALVES=halves, PACK=pack, num_warps=warps, num_stages=stages)
         if splits > 1:
             s2_merge_splits_kernel[(l_dst.shape[1],)](
                 o_dst, l_dst, out, lse, splits, hq, q.shape[0] if varlen else nq,
