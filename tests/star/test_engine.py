@@ -213,9 +213,19 @@ def test_bad_arguments(model):
         eng.generate(QUERIES[0], 2)
     with pytest.raises(ValueError, match="maximum position"):
         eng.encode(torch.zeros(5000, dtype=torch.long))
+    with pytest.raises(ValueError, match="1-D token ids"):      # a batch is not one context
+        eng.encode(torch.zeros(3, 100, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer token ids"):
+        eng.encode(torch.zeros(100))
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 97\): min 0, max 97"):
+        eng.encode(torch.arange(98))
     eng.encode(CONTEXT)
     with pytest.raises(ValueError, match="maximum position"):
         eng.generate(QUERIES[0], 4000)
+    with pytest.raises(ValueError, match="min -1"):
+        eng.generate([5, -1, 3], 2)
+    with pytest.raises(TypeError, match="query_ids must be integer"):
+        eng.generate([1.5, 2.0], 2)
 
 
 def test_unsupported_model_features_are_refused():

@@ -119,6 +119,25 @@ class StarEngine:
             raise ValueError(f"{name}: its attention cannot be hooked: {len(set(seen))} of {layers} "
                              "layers called the transformers attention interface")
 
+    def _token_ids(self, name, ids):
+        """1-D int64 CPU token ids from a sequence or a 1-D (or [1, N]) integer tensor, each
+        inside the model's vocabulary."""
+        t = torch.as_tensor(ids)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be integer token ids, got dtype {t.dtype}")
+        if t.dim() == 2 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D token ids (one sequence; [1, N] is taken too), "
+                             f"got shape {tuple(t.shape)}")
+        t = t.to(torch.long).cpu()
+        emb = self.model.get_input_embeddings()
+        vocab = getattr(emb, "num_embeddings", None)
+        if t.numel() and (int(t.min()) < 0 or (vocab is not None and int(t.max()) >= vocab)):
+            raise ValueError(f"{name} holds token ids outside the model's vocabulary [0, {vocab}): "
+                             f"min {int(t.min())}, max {int(t.max())}")
+        return t
+
     # ---- model calls ------------------------------------------------------------------------
     def _run(self, step, ids, positions, logits=False):
         ids = ids.to(self.device).view(1, -1)
@@ -145,7 +164,7 @@ class StarEngine:
     # ---- phase 1 ------------------------------------------------------------------------------
     def encode(self, context_ids):
         """Phase 1: encode the context (1-D token ids, the same on every host)."""
-        ids = torch.as_tensor(context_ids, dtype=torch.long).view(-1).cpu()
+        ids = self._token_ids("context_ids", context_ids)
         n = ids.numel()
         if n == 0:
             raise ValueError("the context is empty")
@@ -275,7 +294,7 @@ class StarEngine:
         """
         if self.caches is None:
             raise RuntimeError("call encode(context_ids) before generate()")
-        q = torch.as_tensor(query_ids, dtype=torch.long).view(-1).cpu()
+        q = self._token_ids("query_ids", query_ids)
         if q.numel() == 0:
             raise ValueError("the query is empty")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
