@@ -226,6 +226,8 @@ def test_bad_arguments(model):
         eng.generate([5, -1, 3], 2)
     with pytest.raises(TypeError, match="query_ids must be integer"):
         eng.generate([1.5, 2.0], 2)
+    with pytest.raises(ValueError, match="the query is empty"):
+        eng.generate([], 2)
 
 
 def test_unsupported_model_features_are_refused():

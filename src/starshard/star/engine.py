@@ -123,6 +123,8 @@ class StarEngine:
         """1-D int64 CPU token ids from a sequence or a 1-D (or [1, N]) integer tensor, each
         inside the model's vocabulary."""
         t = torch.as_tensor(ids)
+        if t.numel() == 0:   # torch.as_tensor([]) is float32; emptiness is the caller's error
+            t = t.to(torch.long)
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{name} must be integer token ids, got dtype {t.dtype}")
         if t.dim() == 2 and t.shape[0] == 1:
