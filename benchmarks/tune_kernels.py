@@ -6,7 +6,8 @@ Times the forward for each forward config, and the whole backward for each dq co
 fixed) and each dk/dv config (dq fixed), on a few layouts; writes tune.json under --out and
 prints the best per layout. Used to fill the configuration table in ops/triton_launch.py.
 ``--schedule`` times forward and backward under launch-order and pipelining variants
-(SCHEDULES), each checked against the first variant's results.
+(SCHEDULES, or tile labels such as dkdv-64x64x4x3), each checked against the first variant's
+results.
 ``--backward`` instead times the dk/dv kernel's variants (loop structure, merged key tiles)
 over dk/dv tiles, each checked against the default's gradients. (An earlier run also timed dq by fp32 atomics inside the dk/dv
 kernel: 1.3-2x slower everywhere, so it was dropped; results/tune_bwd_h100_32k.json.)
@@ -14,6 +15,7 @@ kernel: 1.3-2x slower everywhere, so it was dropped; results/tune_bwd_h100_32k.j
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -36,7 +38,8 @@ def main():
     ap.add_argument("--layouts", default="bs128/l8/s16,bs64/l16/s16,bs16/l64/s16,dense")
     ap.add_argument("--backward", action="store_true", help="time the backward strategies")
     ap.add_argument("--schedule", default=None,
-                    help=f"time these launch variants, comma separated, of {sorted(SCHEDULES)}")
+                    help=f"time these launch variants, comma separated, of {sorted(SCHEDULES)} "
+                         "or KERNEL-MxNxWxS (tiles of fwd, dq or dkdv; fwd-whole-MxNxWxS too)")
     ap.add_argument("--fwd-only", action="store_true", help="--schedule: time the forward only")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -132,35 +135,31 @@ SCHEDULES = {
     "dq-natural": dict(schedule_dq="natural"),
     "fwd-lpt": dict(schedule_fwd="lpt"),
     "dkdv-natural": dict(schedule_dkdv="natural"),
-    "fwd-128x128x8x2": dict(fwd=(128, 128, 8, 2)),
-    "fwd-128x64x4x2": dict(fwd=(128, 64, 4, 2)),
-    "fwd-128x64x8x2": dict(fwd=(128, 64, 8, 2)),
-    "fwd-64x128x4x2": dict(fwd=(64, 128, 4, 2)),
-    "dq-128x128x8x2": dict(dq=(128, 128, 8, 2)),
-    "dq-64x128x8x2": dict(dq=(64, 128, 8, 2)),
-    "dq-128x64x8x3": dict(dq=(128, 64, 8, 3)),
     "fwd-plain": dict(fwd_fused=False, fwd_tma=False),
     "fwd-fused": dict(fwd_fused=True, fwd_tma=False),
     "fwd-tma": dict(fwd_fused=False, fwd_tma=True),
     "fwd-fused-tma": dict(fwd_fused=True, fwd_tma=True),
-    "fwd-128x64x8x4": dict(fwd=(128, 64, 8, 4)),
-    "fwd-128x64x8x3": dict(fwd=(128, 64, 8, 3)),
-    "fwd-128x64x4x4": dict(fwd=(128, 64, 4, 4)),
-    "fwd-128x64x4x5": dict(fwd=(128, 64, 4, 5)),
-    "fwd-128x64x4x3": dict(fwd=(128, 64, 4, 3)),
-    "fwd-128x128x8x3": dict(fwd=(128, 128, 8, 3)),
     "fwd-halves": dict(fwd_halves=True),
     "fwd-whole": dict(fwd_halves=False),
     "fwd-halves-x2": dict(fwd_halves=True, fwd=(128, 64, 4, 2)),
     "fwd-halves-x4": dict(fwd_halves=True, fwd=(128, 64, 4, 4)),
-    "fwd-whole-128x64x4x3": dict(fwd_halves=False, fwd=(128, 64, 4, 3)),
-    "dkdv-64x64x4x2": dict(dkdv=(64, 64, 4, 2)),
-    "dkdv-64x64x4x3": dict(dkdv=(64, 64, 4, 3)),
-    "dkdv-64x64x4x4": dict(dkdv=(64, 64, 4, 4)),
-    "dkdv-64x64x4x5": dict(dkdv=(64, 64, 4, 5)),
-    "dkdv-32x64x4x2": dict(dkdv=(32, 64, 4, 2)),
-    "dkdv-32x64x4x3": dict(dkdv=(32, 64, 4, 3)),
 }
+
+
+_TILES = re.compile(r"((fwd|dq|dkdv)(?:-[a-z]+)?)-(\d+)x(\d+)x(\d+)x(\d+)")
+
+
+def _schedule(label):
+    """Settings of a --schedule variant: a name in SCHEDULES, or NAME-MxNxWxS, the tiles
+    (BLOCK_M, BLOCK_N, warps, stages) of NAME's kernel (fwd, dq or dkdv) with NAME's own
+    settings where NAME is in SCHEDULES too (fwd-128x64x4x3, dkdv-64x64x4x3,
+    fwd-whole-128x64x4x3)."""
+    if label in SCHEDULES:
+        return SCHEDULES[label]
+    m = _TILES.fullmatch(label)
+    if m is None or (m[1] != m[2] and m[1] not in SCHEDULES):
+        raise KeyError(label)
+    return dict(SCHEDULES.get(m[1], {}), **{m[2]: tuple(int(x) for x in m.groups()[2:])})
 
 
 def _schedules(res, name, layout, pairs, q, k, v, do, d, out_dir, names, fwd_only=False):
@@ -169,7 +168,7 @@ def _schedules(res, name, layout, pairs, q, k, v, do, d, out_dir, names, fwd_onl
     for label in names:
         row = dict(layout=name, kernel="schedule", variant=label)
         try:
-            with TL.kernel_config(**SCHEDULES[label]):
+            with TL.kernel_config(**_schedule(label)):
                 fwd = lambda: TL.forward(q, k, v, layout, True, sc, 0, 0)
                 out, lse = fwd()
                 bwd = lambda: TL.backward(do, None, q, k, v, out, lse, layout, True, sc, 0, 0)
