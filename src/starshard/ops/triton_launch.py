@@ -277,7 +277,8 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         return out, lse
     # decode steps (16-row tiles) change lengths every call: grid order, no per-length table
     order = None if bm == 16 else _program_order(tab, hq, 1, tab_group, m_first, n_m, "fwd")
-    descs = _tma_descriptors(k, v, bn, _block_d(d), d, tab.unit, varlen)
+    bd = _block_d(d)
+    descs = _tma_descriptors(k, v, bn, bd, d, tab.unit, varlen)
     fused = _fwd_variant("fused") and sm_scale != 0
     busy_tiles = batch * (hq // pack) * ((-(-max_q // bm) + 1) if varlen else n_m)
     splits = _fwd_splits(bm, busy_tiles, tab.units.shape[-1] // max(1, bn // tab.unit), q.device)
@@ -302,7 +303,7 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
             hq // pack, hq // hkv, tab_group, tab.t0, tab.num_tiles, tab.units.shape[-1], m_first,
             n_m,
             sm_scale * 1.4426950408889634, splits, *split_strides,
-            HEAD_D=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, UNIT=tab.unit, SUB=tab.sub,
+            HEAD_D=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, UNIT=tab.unit, SUB=tab.sub,
             CAUSAL=causal, VARLEN=varlen, INT64=_needs_int64(q, k, v),
             DOT_PREC=_dot_precision(q.dtype), ORDERED=order is not None,
             FUSED=fused, POS_SCALE=sm_scale > 0, TMA=descs is not None, SPLIT=splits > 1,
@@ -310,7 +311,7 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         if splits > 1:
             s2_merge_splits_kernel[(l_dst.shape[1],)](
                 o_dst, l_dst, out, lse, splits, hq, q.shape[0] if varlen else nq,
-                HEAD_D=d, BLOCK_D=_block_d(d), BLOCK_S=_next_pow2(splits), num_warps=4)
+                HEAD_D=d, BLOCK_D=bd, BLOCK_S=_next_pow2(splits), num_warps=4)
     return out, lse
 
 

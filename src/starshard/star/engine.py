@@ -133,11 +133,12 @@ class StarEngine:
             raise ValueError(f"{name} must be 1-D token ids (one sequence; [1, N] is taken too), "
                              f"got shape {tuple(t.shape)}")
         t = t.to(torch.long).cpu()
-        emb = self.model.get_input_embeddings()
-        vocab = getattr(emb, "num_embeddings", None)
-        if t.numel() and (int(t.min()) < 0 or (vocab is not None and int(t.max()) >= vocab)):
-            raise ValueError(f"{name} holds token ids outside the model's vocabulary [0, {vocab}): "
-                             f"min {int(t.min())}, max {int(t.max())}")
+        if t.numel():
+            vocab = getattr(self.model.get_input_embeddings(), "num_embeddings", None)
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or (vocab is not None and hi >= vocab):
+                raise ValueError(f"{name} holds token ids outside the model's vocabulary "
+                                 f"[0, {vocab}): min {lo}, max {hi}")
         return t
 
     # ---- model calls ------------------------------------------------------------------------
