@@ -9,9 +9,11 @@ Each step calls ``starshard.sparse_attention`` on a [1, 1, H, D] query against t
 for the GPU at the end of the loop; the time per step includes building any layout table that
 step needs. Variants: "shared" (the library: lengths whose tables are identical share one),
 "per-length" (the table cache keyed by the exact lengths, as before the sharing), "cached" (the
-same lengths again, every table already built: the floor), "packed" (cached, with the query
-heads of a GQA group in one decode tile: ``kernel_config(fwd_pack=True)``) and SDPA over all
-keys (dense, for scale). The last step's output is checked against ``backend='torch'``.
+same lengths again, every table already built: the floor; launches that split their keys
+pack the query heads of a GQA group into one decode tile), "unpacked" (as "cached", never
+packed: ``kernel_config(fwd_pack=False)``), "packed" (as "cached", every decode launch packed:
+``fwd_pack=True``; its tables are built in an untimed loop first) and SDPA over all keys (dense,
+for scale). The last step's output is checked against ``backend='torch'``.
 
 ``--host-only`` times the host side of a step on the CPU: the Triton backend with the kernel
 launches stubbed out, as an inference call (no autograd: the op skips the custom-op dispatch)
@@ -65,15 +67,16 @@ def run_case(name, n, steps, h, hkv, d, device, dtype):
     original = L._canonical_ranges
     ref = ss.sparse_attention(q.float(), k[:, :n + steps].float(), v[:, :n + steps].float(), lay,
                               backend="torch")
-    for variant in ("per-length", "shared", "cached", "packed"):
+    for variant in ("per-length", "shared", "cached", "unpacked", "packed"):
+        cfg = {"unpacked": dict(fwd_pack=False), "packed": dict(fwd_pack=True)}.get(variant, {})
         if variant in ("per-length", "shared"):
             L._TABLE_CACHE.clear()
         if variant == "per-length":
             L._canonical_ranges = lambda transpose, tile, unit, q_range, k_range: (q_range, k_range)
         try:
-            with TL.kernel_config(fwd_pack=variant == "packed"):
-                if variant == "packed":
-                    step(n)   # compile outside the timing
+            with TL.kernel_config(**cfg):
+                if variant in ("unpacked", "packed"):
+                    _loop(step, n, steps, device)   # compile and build its tables untimed
                 ms, out = _loop(step, n, steps, device)
         finally:
             L._canonical_ranges = original

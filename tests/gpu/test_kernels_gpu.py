@@ -140,21 +140,25 @@ def test_long_sequence_bf16_rows_against_reference():
                                      ("bs64-l16-s16", dict(block_size=64, local_blocks=16, vert_stride=16))])
 def test_decode_split_k_bf16(name, kw):
     """One query over 32k keys (GQA 32/8, bf16), split over keys (on its own for the dense
-    layout's 512 key steps, forced to 9 splits for the sparse one's 48): exact against the dense
-    reference; and a packed batch of such steps (enough programs not to split)."""
+    layout's 512 key steps, by default with the GQA group packed, forced to 9 splits for the
+    sparse one's 48): exact against the dense reference; and a varlen batch of such steps
+    (enough programs not to split)."""
     torch.manual_seed(4)
     n, hq, hkv = 32768, 32, 8
     layout = ss.local_stride(hq, **kw, num_kv_heads=hkv)
     assert triton_launch._fwd_splits(16, hq, n // 64, torch.device("cuda", 0)) == 9
-    force = {} if name == "dense" else dict(fwd_splits=9)
     q = torch.randn(1, 1, hq, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, n, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    with triton_launch.kernel_config(poison=True, **force):
-        out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True)
     ref, ref_lse = reference_attention(q, k, v, layout, dtype=torch.float32)
     same, _ = reference_attention(q, k, v, layout, dtype=torch.bfloat16)
-    _bound(out, ref, same, 2e-3)
-    assert (lse - ref_lse).abs().max().item() < 1e-3
+    for pack in (None, False):
+        force = {} if name == "dense" else dict(fwd_splits=9)
+        if pack is not None:
+            force["fwd_pack"] = pack
+        with triton_launch.kernel_config(poison=True, **force):
+            out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True)
+        _bound(out, ref, same, 2e-3)
+        assert (lse - ref_lse).abs().max().item() < 1e-3
     lk = [n, 1000, 0, 5000]
     cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     cu_q = torch.tensor([0, 1, 2, 2, 3], dtype=torch.int32, device="cuda")

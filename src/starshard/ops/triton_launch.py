@@ -91,8 +91,12 @@ _SCHEDULE = {"fwd": "natural", "dq": "lpt", "dkdv": "lpt"}
 # halves so that one half's P @ V overlaps the other's softmax: -6% to -10% at 32k on an H200
 # at D=128 (bs128 2.32-2.34 -> 2.18 ms, dense 16.9-17.8 -> 16.1), -2% to -6% at D=64, but 2x
 # slower on 64-row tiles (32-row halves), so only tiles of >= 128 rows use it (NOTES.md).
-# "pack" puts the query heads of a GQA group in one decode tile (_fwd_pack): off until timed.
-_FWD = {"fused": True, "tma": True, "halves": True, "pack": False}
+# "pack" puts the query heads of a GQA group in one decode tile where the launch splits its
+# keys and its rows walk >= 1024 key steps (bound by reading K/V): one H200 decode step over
+# 128k dense keys 0.41 -> 0.20 ms with 4 query heads a KV head, 0.73 -> 0.28 with 8; at 32k
+# (512 steps) packed steps were 0-16% slower, sparse rows unchanged (_fwd_pack, NOTES.md).
+_FWD = {"fused": True, "tma": True, "halves": True, "pack": True}
+_PACK_STEPS = 1024
 
 
 def _fwd_variant(name):
@@ -108,13 +112,15 @@ def _fwd_halves(bm, fused, varlen, splits):
     return bool(forced) or (bm >= 128 and _FWD["halves"])
 
 
-def _fwd_pack(bm, varlen, hq, hkv, tab_group):
-    """Query heads per program of a decode launch (16-row tiles): the whole GQA group where its
-    heads share one pattern and it divides the tile's rows, so that their K/V is read once, else
-    1. Off by default until timed on a GPU; ``kernel_config(fwd_pack=True)`` turns it on."""
+def _fwd_pack(bm, varlen, hq, hkv, tab_group, splits=1, key_steps=0):
+    """Query heads per program of a decode launch (16-row tiles): the whole GQA group, so that
+    its K/V is read once, where its heads share one pattern, it divides the tile's rows and the
+    unpacked launch would split rows of >= 1024 ``key_steps`` (bound by reading K/V); else 1.
+    ``kernel_config(fwd_pack=True)`` packs every such launch, ``False`` none."""
     g = hq // hkv
-    if (bm != 16 or varlen or g < 2 or bm % g or tab_group % g
-            or not _OVERRIDE.get("fwd_pack", _FWD["pack"])):
+    forced = _OVERRIDE.get("fwd_pack")
+    if (bm != 16 or varlen or g < 2 or bm % g or tab_group % g or forced is False
+            or not (forced or (_FWD["pack"] and splits > 1 and key_steps >= _PACK_STEPS))):
         return 1
     return g
 
@@ -251,26 +257,37 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     bm, bn, warps, stages = fwd_config(layout.block_size, d, q.dtype,
                                        max_q if varlen else q.shape[1])
     tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
-    pack = _fwd_pack(bm, varlen, hq, hkv, tab_group)
-    tq = bm // pack   # query positions per tile
     q_range, k_range = _geometry(q, k, q_start, k_start, varlen, max_q, max_k)
-    tab = _tables(layout, False, tq, bn, bn, q_range, k_range, causal, varlen, q.device)
     out = _empty(q.shape, q.dtype, q.device)
     if varlen:
         batch = cu_q.numel() - 1
         lse = _empty((hq, q.shape[0]), torch.float32, q.device)
         sl = (0, lse.stride(0), lse.stride(1))
-        m_first = -((max_q + bm - 1) // bm)
-        n_m = -(-max_k // bm) - m_first
         nq = nk = qs = ks = 0
     else:
         batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
         lse = _empty((batch, hq, nq), torch.float32, q.device)
         sl = tuple(lse.stride())
         qs, ks = q_start, k_start
-        m_first = qs // tq
-        n_m = -(-(qs + nq) // tq) - m_first
         cu_q = cu_k = out  # unused placeholders
+    pack, splits = 1, 1
+    for _ in range(2):   # a decode launch that would split is redone with its GQA group packed
+        tq = bm // pack   # query positions per tile
+        tab = _tables(layout, False, tq, bn, bn, q_range, k_range, causal, varlen, q.device)
+        if varlen:
+            m_first = -((max_q + bm - 1) // bm)
+            n_m = -(-max_k // bm) - m_first
+        else:
+            m_first = qs // tq
+            n_m = -(-(qs + nq) // tq) - m_first
+        busy_tiles = batch * (hq // pack) * ((-(-max_q // bm) + 1) if varlen else n_m)
+        key_steps = tab.units.shape[-1] // max(1, bn // tab.unit)
+        splits = _fwd_splits(bm, busy_tiles, key_steps, q.device)
+        if pack > 1 or n_m <= 0:
+            break
+        pack = _fwd_pack(bm, varlen, hq, hkv, tab_group, splits, key_steps)
+        if pack == 1:
+            break
     if n_m <= 0 or batch == 0 or q.numel() == 0 or k.numel() == 0:
         out.zero_()
         lse.fill_(float("-inf"))
@@ -280,8 +297,6 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     bd = _block_d(d)
     descs = _tma_descriptors(k, v, bn, bd, d, tab.unit, varlen)
     fused = _fwd_variant("fused") and sm_scale != 0
-    busy_tiles = batch * (hq // pack) * ((-(-max_q // bm) + 1) if varlen else n_m)
-    splits = _fwd_splits(bm, busy_tiles, tab.units.shape[-1] // max(1, bn // tab.unit), q.device)
     grid = _grid(order, n_m, hq // pack, batch)
     halves = _fwd_halves(bm, fused, varlen, splits)
     o_dst, l_dst, so, split_strides = out, lse, _strides4(out, varlen), (0, 0)
