@@ -140,9 +140,9 @@ def test_long_sequence_bf16_rows_against_reference():
                                      ("bs64-l16-s16", dict(block_size=64, local_blocks=16, vert_stride=16))])
 def test_decode_split_k_bf16(name, kw):
     """One query over 32k keys (GQA 32/8, bf16), split over keys (on its own for the dense
-    layout's 512 key steps, by default with the GQA group packed, forced to 9 splits for the
-    sparse one's 48): exact against the dense reference; and a varlen batch of such steps
-    (enough programs not to split)."""
+    layout's 512 key steps, forced to 9 splits for the sparse one's 48), as the library picks
+    (too short to pack) and with the GQA group packed: exact against the dense reference; and a
+    varlen batch of such steps (enough programs not to split)."""
     torch.manual_seed(4)
     n, hq, hkv = 32768, 32, 8
     layout = ss.local_stride(hq, **kw, num_kv_heads=hkv)
@@ -151,7 +151,7 @@ def test_decode_split_k_bf16(name, kw):
     k, v = (torch.randn(1, n, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     ref, ref_lse = reference_attention(q, k, v, layout, dtype=torch.float32)
     same, _ = reference_attention(q, k, v, layout, dtype=torch.bfloat16)
-    for pack in (None, False):
+    for pack in (None, True):
         force = {} if name == "dense" else dict(fwd_splits=9)
         if pack is not None:
             force["fwd_pack"] = pack

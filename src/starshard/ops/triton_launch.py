@@ -93,8 +93,8 @@ _SCHEDULE = {"fwd": "natural", "dq": "lpt", "dkdv": "lpt"}
 # slower on 64-row tiles (32-row halves), so only tiles of >= 128 rows use it (NOTES.md).
 # "pack" puts the query heads of a GQA group in one decode tile where the launch splits its
 # keys and its rows walk >= 1024 key steps (bound by reading K/V): one H200 decode step over
-# 128k dense keys 0.41 -> 0.20 ms with 4 query heads a KV head, 0.73 -> 0.28 with 8; at 32k
-# (512 steps) packed steps were 0-16% slower, sparse rows unchanged (_fwd_pack, NOTES.md).
+# 128k dense keys 0.41 -> 0.19-0.20 ms with 4 query heads a KV head, 0.73 -> 0.28 with 8; at
+# 32k (512 steps) and on sparse rows no gain (_fwd_pack, NOTES.md).
 _FWD = {"fused": True, "tma": True, "halves": True, "pack": True}
 _PACK_STEPS = 1024
 
