@@ -270,8 +270,8 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         sl = tuple(lse.stride())
         qs, ks = q_start, k_start
         cu_q = cu_k = out  # unused placeholders
-    pack, splits = 1, 1
-    for _ in range(2):   # a decode launch that would split is redone with its GQA group packed
+    def launch_shape(pack):
+        """(table, first tile, tiles, split-K factor, key steps) with ``pack`` heads a tile."""
         tq = bm // pack   # query positions per tile
         tab = _tables(layout, False, tq, bn, bn, q_range, k_range, causal, varlen, q.device)
         if varlen:
@@ -282,12 +282,14 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
             n_m = -(-(qs + nq) // tq) - m_first
         busy_tiles = batch * (hq // pack) * ((-(-max_q // bm) + 1) if varlen else n_m)
         key_steps = tab.units.shape[-1] // max(1, bn // tab.unit)
-        splits = _fwd_splits(bm, busy_tiles, key_steps, q.device)
-        if pack > 1 or n_m <= 0:
-            break
+        return tab, m_first, n_m, _fwd_splits(bm, busy_tiles, key_steps, q.device), key_steps
+
+    pack = 1
+    tab, m_first, n_m, splits, key_steps = launch_shape(pack)
+    if n_m > 0:   # a decode launch that would split long rows is redone with its GQA group packed
         pack = _fwd_pack(bm, varlen, hq, hkv, tab_group, splits, key_steps)
-        if pack == 1:
-            break
+        if pack > 1:
+            tab, m_first, n_m, splits, _ = launch_shape(pack)
     if n_m <= 0 or batch == 0 or q.numel() == 0 or k.numel() == 0:
         out.zero_()
         lse.fill_(float("-inf"))
