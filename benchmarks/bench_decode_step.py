@@ -13,7 +13,11 @@ same lengths again, every table already built: the floor; launches that split th
 pack the query heads of a GQA group into one decode tile), "unpacked" (as "cached", never
 packed: ``kernel_config(fwd_pack=False)``), "packed" (as "cached", every decode launch packed:
 ``fwd_pack=True``; its tables are built in an untimed loop first) and SDPA over all keys (dense,
-for scale). The last step's output is checked against ``backend='torch'``.
+for scale). On a GPU, "graph" and "sdpa graph" capture the whole loop (every table built, every
+kernel compiled first) in one CUDA graph and time its replays: the kernels' time without the
+host's, as a CUDA-graph decoding loop runs them ("graph unpacked" / "graph packed": GQA packing
+forced off / on while capturing). The last step's output is checked against
+``backend='torch'``.
 
 ``--host-only`` times the host side of a step on the CPU: the Triton backend with the kernel
 launches stubbed out, as an inference call (no autograd: the op skips the custom-op dispatch)
@@ -54,6 +58,27 @@ def _loop(fn, n, steps, device):
     return (time.perf_counter() - t) / steps * 1e3, out
 
 
+def _graph_loop(fn, n, steps, device, replays=5):
+    """Capture the loop's calls in one CUDA graph, replay it; the median ms a step."""
+    _loop(fn, n, steps, device)   # compile and build every table outside the capture
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        _loop(fn, n, steps, device)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [fn(n + i + 1) for i in range(steps)]
+    times = []
+    for _ in range(replays):
+        _sync(device)
+        t = time.perf_counter()
+        graph.replay()
+        _sync(device)
+        times.append((time.perf_counter() - t) / steps * 1e3)
+    return sorted(times)[len(times) // 2], outs[-1]
+
+
 def run_case(name, n, steps, h, hkv, d, device, dtype):
     spec = LAYOUTS[name]
     lay = ss.local_stride(h, **spec, num_kv_heads=hkv)
@@ -83,11 +108,23 @@ def run_case(name, n, steps, h, hkv, d, device, dtype):
         err = (out.float() - ref).abs().max().item()
         rows.append(dict(layout=name, n=n, steps=steps, variant=variant, ms_per_step=ms,
                          max_abs_err_last_step=err))
+    for variant, cfg in (("graph", {}), ("graph unpacked", dict(fwd_pack=False)),
+                         ("graph packed", dict(fwd_pack=True))):
+        if device.type != "cuda":
+            break
+        with TL.kernel_config(**cfg):
+            ms, out = _graph_loop(step, n, steps, device)
+        rows.append(dict(layout=name, n=n, steps=steps, variant=variant, ms_per_step=ms,
+                         max_abs_err_last_step=(out.float() - ref).abs().max().item()))
     sdpa = lambda m: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
         q.transpose(1, 2), k[:, :m].transpose(1, 2), v[:, :m].transpose(1, 2), enable_gqa=True)
     _loop(sdpa, n, steps, device)   # warm-up: the first loops over a new shape run slower
     ms, _ = _loop(sdpa, n, steps, device)
     rows.append(dict(layout="sdpa dense", n=n, steps=steps, variant="sdpa", ms_per_step=ms))
+    if device.type == "cuda":
+        ms, _ = _graph_loop(sdpa, n, steps, device)
+        rows.append(dict(layout="sdpa dense", n=n, steps=steps, variant="sdpa graph",
+                         ms_per_step=ms))
     return rows
 
 
@@ -140,9 +177,10 @@ def main():
     rows = []
     for name in a.layouts.split(","):
         for n in _common.parse_sizes(a.n):
-            rows += run_case(name, n, a.steps, a.heads, a.kv_heads, a.head_dim, device, dtype)
-            for r in rows[-4:]:
+            case = run_case(name, n, a.steps, a.heads, a.kv_heads, a.head_dim, device, dtype)
+            for r in case:
                 print(r, flush=True)
+            rows += case
     res = dict(env=_common.env_info(), heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
                dtype=str(dtype), rows=rows)
     out = a.out or os.path.join(_common.RESULTS, "bench_decode_step.json")
