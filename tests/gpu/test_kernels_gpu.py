@@ -259,35 +259,51 @@ def test_inductor_compiles_the_op_in_a_model_step():
 
 @pytest.mark.parametrize("name,kw", [("dense", dict(block_size=64, local_blocks=1, vert_stride=1)),
                                      ("bs64-l16-s16", dict(block_size=64, local_blocks=16, vert_stride=16))])
-def test_decode_steps_replay_in_a_cuda_graph(name, kw):
-    """Three decode steps (64k keys, GQA 32/8, bf16; the dense rows split over keys with the GQA
-    group packed) captured in one CUDA graph after a warm-up, replayed on new q/k/v contents
-    written into the captured buffers: bit-equal to eager calls on those contents, and the last
-    step within the bound of the dense reference."""
+def test_decode_steps_replay_in_a_cuda_graph(name, kw, monkeypatch):
+    """Three decode steps (64k keys, GQA 32/8, bf16) captured in one CUDA graph after an eager
+    warm-up (which builds the tables): captured, each launch splits its keys (the sparse rows'
+    ~80 key steps too, which eager steps keep whole; the dense rows' GQA group packed as in
+    eager steps); replayed on new q/k/v contents written into the captured buffers, bit-equal
+    to eager calls forced to the same splits, and the last step within the bound of the dense
+    reference."""
     torch.manual_seed(7)
     n, hq, hkv, d = 65536 + 5, 32, 8, 128
     layout = ss.local_stride(hq, **kw, num_kv_heads=hkv)
     q = torch.randn(1, 1, hq, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, n + 3, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     lengths = [n + 1, n + 2, n + 3]
-
-    def steps():
-        return [ss.sparse_attention(q, k[:, :m], v[:, :m], layout, return_lse=True) for m in lengths]
+    step = lambda m: ss.sparse_attention(q, k[:, :m], v[:, :m], layout, return_lse=True)  # noqa: E731
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        steps()
+        eager_splits = []
+        pick = triton_launch._fwd_splits
+        monkeypatch.setattr(triton_launch, "_fwd_splits",
+                            lambda *a: eager_splits.append(pick(*a)) or eager_splits[-1])
+        for m in lengths:
+            step(m)
     torch.cuda.current_stream().wait_stream(side)
+    assert (min(eager_splits) > 1) == (name == "dense"), eager_splits
+    splits, tiles, finals = [], [], []
+    build = triton_launch._tables
+    monkeypatch.setattr(triton_launch, "_fwd_splits", lambda *a: splits.append(pick(*a)) or splits[-1])
+    monkeypatch.setattr(triton_launch, "_tables", lambda *a, **kw: tiles.append(a[2]) or build(*a, **kw))
     graph = torch.cuda.CUDAGraph()
+    captured = []
     with torch.cuda.graph(graph):
-        captured = steps()
+        for m in lengths:
+            captured.append(step(m))
+            finals.append(splits[-1])
+    assert min(finals) > 1 and tiles[-1] == (16 // (hq // hkv) if name == "dense" else 16)
     for _ in range(2):
         for t in (q, k, v):
             t.copy_(torch.randn_like(t))
         graph.replay()
         torch.cuda.synchronize()
-        for (out, lse), (eager_out, eager_lse) in zip(captured, steps()):
+        for (out, lse), m, s in zip(captured, lengths, finals):
+            with triton_launch.kernel_config(fwd_splits=s):
+                eager_out, eager_lse = step(m)
             assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse)
     m = lengths[-1]
     ref, ref_lse = reference_attention(q, k[:, :m], v[:, :m], layout, dtype=torch.float32)

@@ -429,7 +429,7 @@ def test_decode_packs_a_gqa_group_only_where_the_launch_would_split(monkeypatch)
     monkeypatch.setattr(triton_launch, "_PACK_STEPS", 1)
     for would_split, cfg, want in ((3, {}, 4), (1, {}, 1), (3, dict(fwd_pack=False), 1)):
         monkeypatch.setattr(triton_launch, "_fwd_splits",
-                            lambda bm, busy, steps, dev, n=would_split: n)
+                            lambda bm, busy, steps, dev, graph=False, n=would_split: n)
         tiles.clear()
         with triton_launch.kernel_config(poison=True, **cfg):
             out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True, backend="triton")
@@ -465,8 +465,8 @@ def test_split_k_varlen_decode_batch():
 
 def test_split_k_policy():
     """Only decode-sized (16-row tile) launches over long rows (>= 256 key steps) that leave
-    SMs idle split, within 1..64, each split keeping at least 32 steps; prefill and CPU
-    launches never split."""
+    SMs idle split, within 1..64, each split keeping at least 32 steps, or, captured in a CUDA
+    graph, rows of any length, 2 steps a split; prefill and CPU launches never split."""
     gpu = torch.device("cuda", 0)
     old = dict(triton_launch._SM_COUNT)
     triton_launch._SM_COUNT[0] = 132
@@ -479,6 +479,12 @@ def test_split_k_policy():
         assert f(16, 132, 10**6, gpu) == 1         # the SMs are busy already
         assert f(128, 32, 512, gpu) == 1           # prefill tiles
         assert f(16, 32, 512, torch.device("cpu")) == 1
+        # captured in a CUDA graph: short rows split too, 2 steps or more a split
+        assert f(16, 8, 2048, gpu, True) == 33     # a packed GQA 32/8 step over 128k keys
+        assert f(16, 8, 48, gpu, True) == 24
+        assert f(16, 8, 3, gpu, True) == 1
+        assert f(16, 132, 10**6, gpu, True) == 1
+        assert f(128, 8, 512, gpu, True) == 1
         with triton_launch.kernel_config(fwd_splits=6):
             assert f(128, 10**4, 1, torch.device("cpu")) == 6
     finally:

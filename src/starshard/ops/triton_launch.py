@@ -94,7 +94,11 @@ _SCHEDULE = {"fwd": "natural", "dq": "lpt", "dkdv": "lpt"}
 # "pack" puts the query heads of a GQA group in one decode tile where the launch splits its
 # keys and its rows walk >= 1024 key steps (bound by reading K/V): one H200 decode step over
 # 128k dense keys 0.41 -> 0.19-0.20 ms with 4 query heads a KV head, 0.73 -> 0.28 with 8; at
-# 32k (512 steps) and on sparse rows no gain (_fwd_pack, NOTES.md).
+# 32k (512 steps) and on sparse rows no gain in eager steps, bound by the host (_fwd_pack,
+# NOTES.md). Under CUDA graphs packing short rows would pay (H100, forced configurations,
+# results/tune_decode_h100_before.json: bs64 sparse at 128k 0.032 ms split 8 ways, 0.016
+# packed and split 64 ways), but the packed tables would differ from the eager warm-up's and
+# a table cannot be built while a graph is captured: first the eager steps must be timed packed.
 _FWD = {"fused": True, "tma": True, "halves": True, "pack": True}
 _PACK_STEPS = 1024
 
@@ -282,8 +286,10 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
             n_m = -(-(qs + nq) // tq) - m_first
         busy_tiles = batch * (hq // pack) * ((-(-max_q // bm) + 1) if varlen else n_m)
         key_steps = tab.units.shape[-1] // max(1, bn // tab.unit)
-        return tab, m_first, n_m, _fwd_splits(bm, busy_tiles, key_steps, q.device), key_steps
+        return tab, m_first, n_m, _fwd_splits(bm, busy_tiles, key_steps, q.device, graph), key_steps
 
+    # a decode launch captured in a CUDA graph splits for kernel time alone (same tables)
+    graph = bm == 16 and q.is_cuda and torch.cuda.is_current_stream_capturing()
     pack = 1
     tab, m_first, n_m, splits, key_steps = launch_shape(pack)
     if n_m > 0:   # a decode launch that would split long rows is redone with its GQA group packed
@@ -335,12 +341,13 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
 _SM_COUNT = {}
 
 
-def _fwd_splits(bm, busy_tiles, key_steps, device):
+def _fwd_splits(bm, busy_tiles, key_steps, device, graph=False):
     """Split-K factor of a forward launch: decode-sized calls (16-row tiles) whose programs
-    would leave most SMs idle and whose longest tile walks ``key_steps`` >= 256 key steps split
-    each tile's entries over several programs, then merge. Shorter rows stay whole: their step
-    is bound by the host (~0.2 ms on an H200), and the merge would only add a launch.
-    ``kernel_config(fwd_splits=N)`` forces N."""
+    would leave SMs idle split each tile's entries over several programs (about two waves, at
+    most 64), then merge. In eager calls only rows of >= 256 ``key_steps`` split, 32 steps or
+    more a split: shorter rows are bound by the host (~0.2 ms a step on an H200) and the merge
+    would add a launch. Launches captured in a CUDA graph (``graph``) split rows down to 2 steps
+    a split: a row's steps run one after another. ``kernel_config(fwd_splits=N)`` forces N."""
     forced = _OVERRIDE.get("fwd_splits")
     if forced is not None:
         return max(1, int(forced))
@@ -349,10 +356,9 @@ def _fwd_splits(bm, busy_tiles, key_steps, device):
     sms = _SM_COUNT.get(device.index)
     if sms is None:
         sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    if busy_tiles >= sms or key_steps < 256:
+    if busy_tiles >= sms or (not graph and key_steps < 256):
         return 1
-    # about two waves of programs, each at least 32 key steps, at most 64 partials a row
-    return max(1, min(-(-2 * sms // busy_tiles), key_steps // 32, 64))
+    return max(1, min(-(-2 * sms // busy_tiles), key_steps // (2 if graph else 32), 64))
 
 
 def backward(do, dlse, q, k, v, out, lse, layout, causal, sm_scale, q_start, k_start, *,
