@@ -60,10 +60,9 @@ def _loop(fn, n, steps, device):
 
 def _graph_loop(fn, n, steps, device, replays=5):
     """Capture the loop's calls in one CUDA graph, replay it; the median ms a step."""
-    _loop(fn, n, steps, device)   # compile and build every table outside the capture
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side):   # compile and build every table outside the capture
         _loop(fn, n, steps, device)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -77,6 +76,12 @@ def _graph_loop(fn, n, steps, device, replays=5):
         _sync(device)
         times.append((time.perf_counter() - t) / steps * 1e3)
     return sorted(times)[len(times) // 2], outs[-1]
+
+
+def sdpa_step(q, k, v):
+    """SDPA over the first m keys (dense, GQA), as a step function of m."""
+    return lambda m: torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k[:, :m].transpose(1, 2), v[:, :m].transpose(1, 2), enable_gqa=True)
 
 
 def run_case(name, n, steps, h, hkv, d, device, dtype):
@@ -108,16 +113,14 @@ def run_case(name, n, steps, h, hkv, d, device, dtype):
         err = (out.float() - ref).abs().max().item()
         rows.append(dict(layout=name, n=n, steps=steps, variant=variant, ms_per_step=ms,
                          max_abs_err_last_step=err))
-    for variant, cfg in (("graph", {}), ("graph unpacked", dict(fwd_pack=False)),
-                         ("graph packed", dict(fwd_pack=True))):
-        if device.type != "cuda":
-            break
+    graph_variants = (("graph", {}), ("graph unpacked", dict(fwd_pack=False)),
+                      ("graph packed", dict(fwd_pack=True))) if device.type == "cuda" else ()
+    for variant, cfg in graph_variants:
         with TL.kernel_config(**cfg):
             ms, out = _graph_loop(step, n, steps, device)
         rows.append(dict(layout=name, n=n, steps=steps, variant=variant, ms_per_step=ms,
                          max_abs_err_last_step=(out.float() - ref).abs().max().item()))
-    sdpa = lambda m: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-        q.transpose(1, 2), k[:, :m].transpose(1, 2), v[:, :m].transpose(1, 2), enable_gqa=True)
+    sdpa = sdpa_step(q, k, v)
     _loop(sdpa, n, steps, device)   # warm-up: the first loops over a new shape run slower
     ms, _ = _loop(sdpa, n, steps, device)
     rows.append(dict(layout="sdpa dense", n=n, steps=steps, variant="sdpa", ms_per_step=ms))

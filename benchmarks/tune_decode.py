@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import _common  # noqa: E402
 import starshard as ss  # noqa: E402
-from bench_decode_step import LAYOUTS, _graph_loop  # noqa: E402
+from bench_decode_step import LAYOUTS, _graph_loop, sdpa_step  # noqa: E402
 from starshard.ops import triton_launch as TL  # noqa: E402
 
 
@@ -47,9 +47,7 @@ def run_case(name, n, batch, steps, h, hkv, d, device):
             err = (out.float() - lib_out.float()).abs().max().item()
             rows.append(dict(layout=name, n=n, batch=batch, variant=f"s{s}{'p' if pack else ''}",
                              splits=s, pack=pack, ms_per_step=ms, max_abs_diff_vs_library=err))
-    sdpa = lambda m: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-        q.transpose(1, 2), k[:, :m].transpose(1, 2), v[:, :m].transpose(1, 2), enable_gqa=True)
-    ms, _ = _graph_loop(sdpa, n, steps, device)
+    ms, _ = _graph_loop(sdpa_step(q, k, v), n, steps, device)
     rows.append(dict(layout="sdpa dense", n=n, batch=batch, variant="sdpa", ms_per_step=ms))
     best = min((r for r in rows if "splits" in r), key=lambda r: r["ms_per_step"])
     print(f"{name} n={n} b={batch} key_steps={top}: library {lib_ms:.4f} best {best['variant']} "
