@@ -101,6 +101,7 @@ def run_case(name, n, steps, h, hkv, d, device, dtype):
         cfg = {"unpacked": dict(fwd_pack=False), "packed": dict(fwd_pack=True)}.get(variant, {})
         if variant in ("per-length", "shared"):
             L._TABLE_CACHE.clear()
+            L._CAPTURED_TABLES.clear()   # the graphs of earlier cases are gone
         if variant == "per-length":
             L._canonical_ranges = lambda transpose, tile, unit, q_range, k_range: (q_range, k_range)
         try:

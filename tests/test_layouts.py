@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import starshard as ss
+from starshard import layouts as L
 from starshard.layouts import (BlockLayout, TileTable, build_tile_table, kv_block_table,
                                local_stride, tile_table)
 
@@ -830,6 +831,28 @@ def test_decode_steps_share_a_table_until_the_keys_cross_a_unit():
     assert all(step(p) is first for p in (201, 208, 230, 254))   # tiles 12..15, same unit
     assert step(255) is not first   # keys 0..255: unit 3 now whole
     assert step(256) is not first and step(256) is not step(255)   # a new unit
+
+
+def test_tables_read_by_a_captured_graph_outlive_the_lru(monkeypatch):
+    """While a CUDA graph is captured (simulated here), a cached table is served and kept for
+    good, since the graph reads it at every replay; a table never built raises a clear error
+    instead of a cryptic failure inside the capture; after capture, eviction spares it."""
+    lay = local_stride(2, 16, 1, 4)
+    kw = dict(transpose=False, tile=16, unit=16, group=1, causal=True, exact_bounds=True,
+              device="cpu")
+    monkeypatch.setattr(L, "_CAPTURED_TABLES", {})
+    warm = tile_table(lay, q_range=(40, 41), k_range=(0, 41), **kw)
+    unused = tile_table(lay, q_range=(56, 57), k_range=(0, 57), **kw)   # built, not captured
+    monkeypatch.setattr(L, "_capturing", lambda device: True)
+    assert tile_table(lay, q_range=(40, 41), k_range=(0, 41), **kw) is warm
+    with pytest.raises(RuntimeError, match="outside the graph first"):
+        tile_table(lay, q_range=(4000, 4001), k_range=(0, 4001), **kw)
+    monkeypatch.setattr(L, "_capturing", lambda device: False)
+    for p in range(L._TABLE_CACHE_SIZE + 1):   # push every entry out of the LRU
+        tile_table(lay, q_range=(1000 + 16 * p, 1001 + 16 * p), k_range=(0, 1001 + 16 * p), **kw)
+    assert all(t is not warm for t in L._TABLE_CACHE.values())
+    assert tile_table(lay, q_range=(40, 41), k_range=(0, 41), **kw) is warm
+    assert tile_table(lay, q_range=(56, 57), k_range=(0, 57), **kw) is not unused   # rebuilt
 
 
 @settings(max_examples=150, deadline=None)

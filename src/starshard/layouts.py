@@ -355,7 +355,7 @@ class TileTable:
     group: int
     subs: torch.Tensor | None = None
     # launch orders derived from this table, cached by the kernels' host code
-    orders: dict = field(default_factory=dict, repr=False, compare=False)
+    orders: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
     @property
     def num_tiles(self):
@@ -365,6 +365,41 @@ class TileTable:
 _TABLE_CACHE: "OrderedDict[tuple, TileTable]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 _TABLE_LOCK = threading.Lock()
+# tables read by captured CUDA graphs, per cache: a graph holds no reference to the tensors its
+# kernels read, so these stay for the life of the process instead of leaving with the LRU
+_CAPTURED_TABLES: "dict[int, dict]" = {}
+
+
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def cached_table(cache, limit, key, device, build):
+    """``cache[key]``, made by ``build()`` on a miss and kept in an LRU of ``limit`` entries.
+    While a CUDA graph is being captured on ``device`` a hit is also kept for good (the graph
+    reads it at every replay), and a miss raises: a table cannot be built during capture."""
+    capturing = _capturing(torch.device(device))
+    with _TABLE_LOCK:
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+        else:
+            hit = _CAPTURED_TABLES.get(id(cache), {}).get(key)
+        if hit is not None:
+            if capturing:
+                _CAPTURED_TABLES.setdefault(id(cache), {})[key] = hit
+            return hit
+    if capturing:
+        raise RuntimeError(
+            "starshard: a CUDA graph is being captured but the lookup table this call needs "
+            "(for its shapes, q_start and k_start) was never built; run the same call once "
+            "outside the graph first (a warm-up), then capture it")
+    table = build()
+    with _TABLE_LOCK:
+        cache[key] = table
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    return table
 
 
 def _canonical_ranges(transpose, tile, unit, q_range, k_range):
@@ -392,25 +427,16 @@ def _canonical_ranges(transpose, tile, unit, q_range, k_range):
 def tile_table(layout, *, transpose, tile, unit, group, q_range, k_range, causal, exact_bounds,
                device, merge=False):
     """Cached :class:`TileTable` for ``layout`` (see :func:`build_tile_table`); ranges that give
-    the same table share one entry."""
+    the same table share one entry. During CUDA-graph capture only tables built before are
+    served (see :func:`cached_table`)."""
     device = torch.device(device)
     if not merge:   # merged key tiles depend on the exact key range
         q_range, k_range = _canonical_ranges(transpose, tile, unit, tuple(q_range), tuple(k_range))
     key = (layout.key, transpose, tile, unit, group, q_range, k_range, causal, exact_bounds,
            str(device), merge)
-    with _TABLE_LOCK:
-        hit = _TABLE_CACHE.get(key)
-        if hit is not None:
-            _TABLE_CACHE.move_to_end(key)
-            return hit
-    table = build_tile_table(layout, transpose=transpose, tile=tile, unit=unit, group=group,
-                             q_range=q_range, k_range=k_range, causal=causal,
-                             exact_bounds=exact_bounds, device=device, merge=merge)
-    with _TABLE_LOCK:
-        _TABLE_CACHE[key] = table
-        while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
-    return table
+    return cached_table(_TABLE_CACHE, _TABLE_CACHE_SIZE, key, device, lambda: build_tile_table(
+        layout, transpose=transpose, tile=tile, unit=unit, group=group, q_range=q_range,
+        k_range=k_range, causal=causal, exact_bounds=exact_bounds, device=device, merge=merge))
 
 
 def build_tile_table(layout, *, transpose, tile, unit, group, q_range, k_range, causal,

@@ -310,3 +310,34 @@ def test_decode_steps_replay_in_a_cuda_graph(name, kw, monkeypatch):
     same, _ = reference_attention(q, k[:, :m], v[:, :m], layout, dtype=torch.bfloat16)
     _bound(captured[-1][0], ref, same, 2e-3)
     assert (captured[-1][1] - ref_lse).abs().max().item() < 1e-3
+
+
+def test_capture_needs_a_warm_up_and_keeps_its_tables():
+    """A decode call captured before any eager call raises naming the fix (its table cannot be
+    built during capture). After a warm-up the captured graph still replays right once the table
+    cache has dropped its table (more new lengths than the cache holds built since)."""
+    torch.manual_seed(5)
+    hq, hkv, d, n = 8, 2, 64, 4099
+    layout = ss.local_stride(hq, 64, 2, 4, num_kv_heads=hkv)
+    q = torch.randn(1, 1, hq, d, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(1, n + 80 * 64, hkv, d, device="cuda", dtype=torch.float16)
+            for _ in range(2))
+    step = lambda m: ss.sparse_attention(q, k[:, :m], v[:, :m], layout)  # noqa: E731
+    with pytest.raises(RuntimeError, match="outside the graph first"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step(n)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(n)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(n)
+    for i in range(1, 80):   # a new key unit each: new tables, reusing freed memory if any
+        step(n + 64 * i)
+    for _ in range(2):
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, step(n))

@@ -13,11 +13,11 @@ KV block is gathered once per group; otherwise once per query head (never a full
 """
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 
 import torch
 
+from ..layouts import cached_table
 from .reference import (_check_cu_seqlens, _check_layout_heads, _check_qkv, _check_scale,
                         _positions)
 
@@ -29,7 +29,6 @@ _NO_KEY = 1 << 62            # a key position past every query
 
 _TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 32
-_TABLE_LOCK = threading.Lock()
 
 
 def _block_table(layout, hq, qb_lo, nqb, kb_lo, nkb, causal, device):
@@ -39,33 +38,27 @@ def _block_table(layout, hq, qb_lo, nqb, kb_lo, nkb, causal, device):
     returned indices are relative to ``kb_lo`` (int32, padding 0). Cached per arguments.
     """
     key = (layout.key, hq, qb_lo, nqb, kb_lo, nkb, bool(causal), str(device))
-    with _TABLE_LOCK:
-        hit = _TABLE_CACHE.get(key)
-        if hit is not None:
-            _TABLE_CACHE.move_to_end(key)
-            return hit
-    heads = layout.pattern_index(torch.arange(hq, device=device))
-    cols = torch.arange(nkb, device=device)
-    counts, idx = [], []
-    chunk = max(1, (1 << 22) // max(1, hq * nkb))
-    for r0 in range(0, nqb, chunk):
-        rows = torch.arange(qb_lo + r0, qb_lo + min(nqb, r0 + chunk), device=device)
-        m = layout.allowed(heads, rows, cols + kb_lo)                     # [H, r, nkb]
-        if causal:
-            m = m & ((cols + kb_lo).view(1, 1, -1) <= rows.view(1, -1, 1))
-        counts.append(m.sum(-1, dtype=torch.int32))
-        sort_key = torch.where(m, cols.view(1, 1, -1), nkb + cols.view(1, 1, -1))
-        idx.append(torch.sort(sort_key, -1).values)
-    counts = torch.cat(counts, 1)
-    width = max(1, int(counts.max())) if counts.numel() else 1
-    idx = torch.cat([i[..., :width] for i in idx], 1)
-    idx = torch.where(idx >= nkb, 0, idx).to(torch.int32)
-    out = (counts.contiguous(), idx.contiguous())
-    with _TABLE_LOCK:
-        _TABLE_CACHE[key] = out
-        while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
-    return out
+
+    def build():
+        heads = layout.pattern_index(torch.arange(hq, device=device))
+        cols = torch.arange(nkb, device=device)
+        counts, idx = [], []
+        chunk = max(1, (1 << 22) // max(1, hq * nkb))
+        for r0 in range(0, nqb, chunk):
+            rows = torch.arange(qb_lo + r0, qb_lo + min(nqb, r0 + chunk), device=device)
+            m = layout.allowed(heads, rows, cols + kb_lo)                     # [H, r, nkb]
+            if causal:
+                m = m & ((cols + kb_lo).view(1, 1, -1) <= rows.view(1, -1, 1))
+            counts.append(m.sum(-1, dtype=torch.int32))
+            sort_key = torch.where(m, cols.view(1, 1, -1), nkb + cols.view(1, 1, -1))
+            idx.append(torch.sort(sort_key, -1).values)
+        counts = torch.cat(counts, 1)
+        width = max(1, int(counts.max())) if counts.numel() else 1
+        idx = torch.cat([i[..., :width] for i in idx], 1)
+        idx = torch.where(idx >= nkb, 0, idx).to(torch.int32)
+        return counts.contiguous(), idx.contiguous()
+
+    return cached_table(_TABLE_CACHE, _TABLE_CACHE_SIZE, key, device, build)
 
 
 def _graph_zero(q, k, v):

@@ -7,7 +7,7 @@ import math
 import torch
 import triton
 
-from ..layouts import tile_table
+from ..layouts import cached_table, tile_table
 from .triton_bwd import s2_bwd_delta_kernel, s2_bwd_dkdv_kernel, s2_bwd_dq_kernel
 from .triton_fwd import s2_fwd_kernel, s2_fwd_kernel_varying, s2_merge_splits_kernel
 
@@ -160,9 +160,12 @@ def _program_order(tab, rows, row_group, tab_group, first, n_tiles, kernel="fwd"
     if schedule != "lpt":
         raise ValueError(f"schedule must be 'lpt' or 'natural', got {schedule!r}")
     key = (rows, row_group, tab_group, first, n_tiles)
-    hit = tab.orders.get(key)
-    if hit is not None:
-        return hit
+    # bounded: varlen batches of changing lengths; kept for good where a CUDA graph reads it
+    return cached_table(tab.orders, 16, key, tab.ntot.device,
+                        lambda: _lpt_order(tab, rows, row_group, tab_group, first, n_tiles))
+
+
+def _lpt_order(tab, rows, row_group, tab_group, first, n_tiles):
     dev = tab.ntot.device
     idx = torch.arange(n_tiles, device=dev) + (first - tab.t0)
     inside = (idx >= 0) & (idx < tab.num_tiles)
@@ -173,11 +176,7 @@ def _program_order(tab, rows, row_group, tab_group, first, n_tiles, kernel="fwd"
     heads = torch.arange(rows * row_group, device=dev)
     work = work_p[heads // tab_group].view(rows, row_group, n_tiles).sum(1)
     work_class = torch.floor(torch.log2(work.reshape(-1).double() + 1))
-    order = torch.argsort(-work_class, stable=True).to(torch.int32)
-    if len(tab.orders) >= 16:   # varlen batches of changing lengths: keep the cache bounded
-        tab.orders.clear()
-    tab.orders[key] = order
-    return order
+    return torch.argsort(-work_class, stable=True).to(torch.int32)
 
 
 def _grid(order, n_tiles, rows, batch):
