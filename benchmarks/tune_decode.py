@@ -1,6 +1,6 @@
 """Time decode launches over split-K factors and GQA packing, kernels only (CUDA graphs).
 
-PYTHONPATH=src python benchmarks/tune_decode.py [--n 4k,16k,32k,128k] [--batch 1,4] [--out F]
+PYTHONPATH=src python benchmarks/tune_decode.py [--n 4k,16k,32k,128k] [--batch 1,4] [--library-only] [--out F]
 
 For each layout, KV length and batch size, captures ``--steps`` decode calls (one query a
 sequence, the KV one token longer each call, H=32, Hkv=8, D=128, bf16) in one CUDA graph with
@@ -29,7 +29,7 @@ def _key_steps(lay, n):
     return int(rows.sum(-1).max().item()) * lay.block_size // 64
 
 
-def run_case(name, n, batch, steps, h, hkv, d, device):
+def run_case(name, n, batch, steps, h, hkv, d, device, sweep=True):
     lay = ss.local_stride(h, **LAYOUTS[name], num_kv_heads=hkv)
     g = torch.Generator(device=device).manual_seed(n + batch)
     k, v = (torch.randn(batch, n + steps, hkv, d, device=device, dtype=torch.bfloat16, generator=g)
@@ -40,7 +40,7 @@ def run_case(name, n, batch, steps, h, hkv, d, device):
     rows = [dict(layout=name, n=n, batch=batch, variant="library", ms_per_step=lib_ms)]
     top = _key_steps(lay, n + steps)
     splits = [s for s in (1, 2, 4, 8, 16, 32, 64) if s <= max(1, top)]
-    for pack in (False, True):
+    for pack in (False, True) if sweep else ():
         for s in splits:
             with TL.kernel_config(fwd_splits=s, fwd_pack=pack):
                 ms, out = _graph_loop(step, n, steps, device)
@@ -49,7 +49,7 @@ def run_case(name, n, batch, steps, h, hkv, d, device):
                              splits=s, pack=pack, ms_per_step=ms, max_abs_diff_vs_library=err))
     ms, _ = _graph_loop(sdpa_step(q, k, v), n, steps, device)
     rows.append(dict(layout="sdpa dense", n=n, batch=batch, variant="sdpa", ms_per_step=ms))
-    best = min((r for r in rows if "splits" in r), key=lambda r: r["ms_per_step"])
+    best = min((r for r in rows if "splits" in r), key=lambda r: r["ms_per_step"], default=rows[0])
     print(f"{name} n={n} b={batch} key_steps={top}: library {lib_ms:.4f} best {best['variant']} "
           f"{best['ms_per_step']:.4f} sdpa {ms:.4f} | "
           + " ".join(f"{r['variant']}={r['ms_per_step']:.4f}" for r in rows if "splits" in r),
@@ -66,6 +66,8 @@ def main():
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--library-only", action="store_true",
+                   help="time the library's choice and SDPA only, not the forced sweep")
     p.add_argument("--out", default=os.path.join(_common.RESULTS, "tune_decode.json"))
     a = p.parse_args()
     device = torch.device("cuda")
@@ -73,7 +75,8 @@ def main():
     for name in a.layouts.split(","):
         for n in _common.parse_sizes(a.n):
             for b in (int(x) for x in a.batch.split(",")):
-                rows += run_case(name, n, b, a.steps, a.heads, a.kv_heads, a.head_dim, device)
+                rows += run_case(name, n, b, a.steps, a.heads, a.kv_heads, a.head_dim, device,
+                                 sweep=not a.library_only)
     _common.write_json(a.out, dict(env=_common.env_info(), heads=a.heads, kv_heads=a.kv_heads,
                                    head_dim=a.head_dim, steps=a.steps, rows=rows))
 
