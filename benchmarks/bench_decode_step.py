@@ -9,10 +9,11 @@ Each step calls ``starshard.sparse_attention`` on a [1, 1, H, D] query against t
 for the GPU at the end of the loop; the time per step includes building any layout table that
 step needs. Variants: "shared" (the library: lengths whose tables are identical share one),
 "per-length" (the table cache keyed by the exact lengths, as before the sharing), "cached" (the
-same lengths again, every table already built: the floor; launches that split their keys
-pack the query heads of a GQA group into one decode tile), "unpacked" (as "cached", never
-packed: ``kernel_config(fwd_pack=False)``), "packed" (as "cached", every decode launch packed:
-``fwd_pack=True``; its tables are built in an untimed loop first) and SDPA over all keys (dense,
+same lengths again, every table already built: the floor; decode launches pack the query
+heads of a GQA group into one decode tile), "unpacked" (as "cached", never packed:
+``kernel_config(fwd_pack=False)``; its tables are built in an untimed loop first), "packed"
+(as "cached", ``fwd_pack=True``: the library's rule since 2026-12-07, before which only rows
+of >= 1024 key steps packed) and SDPA over all keys (dense,
 for scale). On a GPU, "graph" and "sdpa graph" capture the whole loop (every table built, every
 kernel compiled first) in one CUDA graph and time its replays: the kernels' time without the
 host's, as a CUDA-graph decoding loop runs them ("graph unpacked" / "graph packed": GQA packing

@@ -413,33 +413,28 @@ def test_decode_packs_the_heads_of_a_gqa_group(hq, hkv, kind, bs, nq, causal, of
     torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=2e-5, rtol=0)
 
 
-def test_decode_packs_a_gqa_group_only_where_the_launch_would_split(monkeypatch):
-    """By default a decode launch packs its GQA group only where the unpacked launch would
-    split long rows (bound by K/V reads); rows that stay whole are not packed, and
-    ``fwd_pack=False`` turns packing off. (The split decision is GPU-only: stubbed here, and
-    the row length packing needs is set around this test's.)"""
+def test_decode_packs_a_gqa_group_split_or_not(monkeypatch):
+    """A decode launch packs its GQA group whether it splits its keys or not (eager and captured
+    launches then share one table); ``fwd_pack=False`` turns packing off, and heads of one group
+    with different patterns are not packed. (The split decision is GPU-only: stubbed here.)"""
     hq, hkv, d, nk = 8, 2, 32, 300
-    layout = ss.local_stride(hq, 64, 2, 2, num_kv_heads=hkv)
     q, k, v = _inputs(1, 1, nk, hq, hkv, d, torch.float32, False, seed=21)
-    ref, ref_lse = reference_attention(q, k, v, layout)
     tiles = []   # query positions per tile of each table the forward asks for: 16 // heads
     build = triton_launch._tables
     monkeypatch.setattr(triton_launch, "_tables",
                         lambda *a, **kw: tiles.append(a[2]) or build(*a, **kw))
-    monkeypatch.setattr(triton_launch, "_PACK_STEPS", 1)
-    for would_split, cfg, want in ((3, {}, 4), (1, {}, 1), (3, dict(fwd_pack=False), 1)):
-        monkeypatch.setattr(triton_launch, "_fwd_splits",
-                            lambda bm, busy, steps, dev, graph=False, n=would_split: n)
+    cases = [(ss.local_stride(hq, 64, 2, 2, num_kv_heads=hkv), splits, cfg, want)
+             for splits in (3, 1) for cfg, want in (({}, 4), (dict(fwd_pack=False), 1))]
+    cases.append((ss.local_stride(hq, 64, 2, 2), 3, {}, 1))   # per-query-head patterns
+    for layout, splits, cfg, want in cases:
+        ref, ref_lse = reference_attention(q, k, v, layout)
+        monkeypatch.setattr(triton_launch, "_fwd_splits", lambda *a, n=splits, **kw: n)
         tiles.clear()
         with triton_launch.kernel_config(poison=True, **cfg):
             out, lse = ss.sparse_attention(q, k, v, layout, return_lse=True, backend="triton")
-        assert tiles[-1] == 16 // want, (would_split, cfg, tiles)
+        assert tiles == [16 // want], (splits, cfg, tiles)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
         torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
-    monkeypatch.setattr(triton_launch, "_PACK_STEPS", nk)   # rows shorter than that: not packed
-    monkeypatch.setattr(triton_launch, "_fwd_splits", lambda *a, **kw: 3)
-    ss.sparse_attention(q, k, v, layout, backend="triton")
-    assert tiles[-1] == 16
 
 
 def test_split_k_varlen_decode_batch():

@@ -91,16 +91,13 @@ _SCHEDULE = {"fwd": "natural", "dq": "lpt", "dkdv": "lpt"}
 # halves so that one half's P @ V overlaps the other's softmax: -6% to -10% at 32k on an H200
 # at D=128 (bs128 2.32-2.34 -> 2.18 ms, dense 16.9-17.8 -> 16.1), -2% to -6% at D=64, but 2x
 # slower on 64-row tiles (32-row halves), so only tiles of >= 128 rows use it (NOTES.md).
-# "pack" puts the query heads of a GQA group in one decode tile where the launch splits its
-# keys and its rows walk >= 1024 key steps (bound by reading K/V): one H200 decode step over
-# 128k dense keys 0.41 -> 0.19-0.20 ms with 4 query heads a KV head, 0.73 -> 0.28 with 8; at
-# 32k (512 steps) and on sparse rows no gain in eager steps, bound by the host (_fwd_pack,
-# NOTES.md). Under CUDA graphs packing short rows would pay (H100, forced configurations,
-# results/tune_decode_h100_before.json: bs64 sparse at 128k 0.032 ms split 8 ways, 0.016
-# packed and split 64 ways), but the packed tables would differ from the eager warm-up's and
-# a table cannot be built while a graph is captured: first the eager steps must be timed packed.
+# "pack" puts the query heads of a GQA group in one decode tile, so that their K/V is read once:
+# one H200 decode step over 128k dense keys 0.41 -> 0.19-0.20 ms with 4 query heads a KV head,
+# 0.73 -> 0.28 with 8. Under CUDA graphs it pays on short rows too (H100, GQA 32/8, kernel time:
+# dense 32k 0.105 -> 0.052 ms, sparse bs64 128k 0.031 -> 0.015, 4k 0.009 -> 0.007); eager steps,
+# bound by the host, timed the same packed or not (within +-10%, spikes either way over three
+# runs). So every decode launch packs, eager or captured: they share one table (NOTES.md).
 _FWD = {"fused": True, "tma": True, "halves": True, "pack": True}
-_PACK_STEPS = 1024
 
 
 def _fwd_variant(name):
@@ -116,15 +113,13 @@ def _fwd_halves(bm, fused, varlen, splits):
     return bool(forced) or (bm >= 128 and _FWD["halves"])
 
 
-def _fwd_pack(bm, varlen, hq, hkv, tab_group, splits=1, key_steps=0):
+def _fwd_pack(bm, varlen, hq, hkv, tab_group):
     """Query heads per program of a decode launch (16-row tiles): the whole GQA group, so that
-    its K/V is read once, where its heads share one pattern, it divides the tile's rows and the
-    unpacked launch would split rows of >= 1024 ``key_steps`` (bound by reading K/V); else 1.
-    ``kernel_config(fwd_pack=True)`` packs every such launch, ``False`` none."""
+    its K/V is read once, where its heads share one pattern and it divides the tile's rows;
+    else 1. ``kernel_config(fwd_pack=False)`` turns it off."""
     g = hq // hkv
-    forced = _OVERRIDE.get("fwd_pack")
-    if (bm != 16 or varlen or g < 2 or bm % g or tab_group % g or forced is False
-            or not (forced or (_FWD["pack"] and splits > 1 and key_steps >= _PACK_STEPS))):
+    if (bm != 16 or varlen or g < 2 or bm % g or tab_group % g
+            or not _OVERRIDE.get("fwd_pack", _FWD["pack"])):
         return 1
     return g
 
@@ -273,28 +268,20 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         sl = tuple(lse.stride())
         qs, ks = q_start, k_start
         cu_q = cu_k = out  # unused placeholders
-    def launch_shape(pack):
-        """(table, first tile, tiles, split-K factor, key steps) with ``pack`` heads a tile."""
-        tq = bm // pack   # query positions per tile
-        tab = _tables(layout, False, tq, bn, bn, q_range, k_range, causal, varlen, q.device)
-        if varlen:
-            m_first = -((max_q + bm - 1) // bm)
-            n_m = -(-max_k // bm) - m_first
-        else:
-            m_first = qs // tq
-            n_m = -(-(qs + nq) // tq) - m_first
-        busy_tiles = batch * (hq // pack) * ((-(-max_q // bm) + 1) if varlen else n_m)
-        key_steps = tab.units.shape[-1] // max(1, bn // tab.unit)
-        return tab, m_first, n_m, _fwd_splits(bm, busy_tiles, key_steps, q.device, graph), key_steps
-
+    pack = _fwd_pack(bm, varlen, hq, hkv, tab_group)
+    tq = bm // pack   # query positions per tile
+    tab = _tables(layout, False, tq, bn, bn, q_range, k_range, causal, varlen, q.device)
+    if varlen:
+        m_first = -((max_q + bm - 1) // bm)
+        n_m = -(-max_k // bm) - m_first
+    else:
+        m_first = qs // tq
+        n_m = -(-(qs + nq) // tq) - m_first
+    busy_tiles = batch * (hq // pack) * ((-(-max_q // bm) + 1) if varlen else n_m)
+    key_steps = tab.units.shape[-1] // max(1, bn // tab.unit)
     # a decode launch captured in a CUDA graph splits for kernel time alone (same tables)
     graph = bm == 16 and q.is_cuda and torch.cuda.is_current_stream_capturing()
-    pack = 1
-    tab, m_first, n_m, splits, key_steps = launch_shape(pack)
-    if n_m > 0:   # a decode launch that would split long rows is redone with its GQA group packed
-        pack = _fwd_pack(bm, varlen, hq, hkv, tab_group, splits, key_steps)
-        if pack > 1:
-            tab, m_first, n_m, splits, _ = launch_shape(pack)
+    splits = _fwd_splits(bm, busy_tiles, key_steps, q.device, graph)
     if n_m <= 0 or batch == 0 or q.numel() == 0 or k.numel() == 0:
         out.zero_()
         lse.fill_(float("-inf"))
