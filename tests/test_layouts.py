@@ -522,17 +522,18 @@ def test_kv_efficiency_random_masks(seed):
 @pytest.mark.parametrize("causal", [True, False])
 def test_kv_block_table_matches_mask_rows(make, causal):
     lay = make()
-    for nbq, nbk, qbs in [(12, 12, None), (3, 12, None), (5, 9, 2), (4, 8, -2), (1, 1, None), (6, 10, 0)]:
-        counts, idx = kv_block_table(lay, nbq, nbk, qbs, causal=causal)
-        m = lay.mask(nbq, nbk, qbs)
-        start = nbk - nbq if qbs is None else qbs
+    for nbq, nbk, qbs, kbs in [(12, 12, None, 0), (3, 12, None, 0), (5, 9, 2, 0), (4, 8, -2, 0),
+                               (1, 1, None, 0), (6, 10, 0, 0), (4, 7, None, 5), (3, 5, 6, 4)]:
+        counts, idx = kv_block_table(lay, nbq, nbk, qbs, causal=causal, k_block_start=kbs)
+        start = kbs + nbk - nbq if qbs is None else qbs
+        m = lay.mask(nbq, kbs + nbk, start)[:, :, kbs:]   # key blocks kbs.., relative indices
         H = m.shape[0]
         assert counts.dtype == torch.int32 and idx.dtype == torch.int32
         assert counts.shape == (H, nbq)
         want_width = 1
         for h in range(H):
             for r in range(nbq):
-                cols = [j for j in range(nbk) if m[h, r, j] and (not causal or j <= start + r)]
+                cols = [j for j in range(nbk) if m[h, r, j] and (not causal or kbs + j <= start + r)]
                 want_width = max(want_width, len(cols))
                 assert counts[h, r].item() == len(cols)
                 assert idx[h, r, :len(cols)].tolist() == cols

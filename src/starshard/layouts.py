@@ -589,26 +589,30 @@ def _merged_key_tiles(layout, heads, k_lo, k_hi, nsub, u_start, u_end, u_block, 
     return blocks.view(P, n_tiles, nsub).to(torch.int32).contiguous()
 
 
-def kv_block_table(layout, nbq, nbk, q_block_start=None, *, causal=True, num_heads=None, device="cpu"):
+def kv_block_table(layout, nbq, nbk, q_block_start=None, *, causal=True, num_heads=None, device="cpu",
+                   k_block_start=0):
     """Per (query head, query block) key-block lists at the layout's block size.
 
     Returns ``(counts int32 [Hq, nbq], indices int32 [Hq, nbq, max_count])`` (padding 0), the
-    form FlexAttention's ``BlockMask.from_kv_blocks`` takes. Causal: blocks above the diagonal
-    are dropped.
+    form FlexAttention's ``BlockMask.from_kv_blocks`` takes. Key blocks are ``k_block_start..``
+    ``k_block_start + nbk - 1`` (absolute), indices relative to ``k_block_start``; query blocks
+    start at ``q_block_start`` (default: they end where the keys end). Causal: blocks above the
+    diagonal are dropped.
     """
     if q_block_start is None:
-        q_block_start = nbk - nbq
+        q_block_start = k_block_start + nbk - nbq
     hq = layout._heads_for(num_heads) or 1
-    layout._check_extent(q_block_start + nbq, nbk)
+    layout._check_extent(q_block_start + nbq, k_block_start + nbk)
     heads = layout.pattern_index(torch.arange(hq, device=device))
     cols = torch.arange(nbk, device=device)
+    kcols = cols + k_block_start
     counts, idx = [], []
     chunk = max(1, (1 << 24) // max(1, hq * nbk))
     for r0 in range(0, nbq, chunk):
         rows = torch.arange(q_block_start + r0, q_block_start + min(nbq, r0 + chunk), device=device)
-        m = layout.allowed(heads, rows, cols)
+        m = layout.allowed(heads, rows, kcols)
         if causal:
-            m = m & (cols.view(1, 1, -1) <= rows.view(1, -1, 1))
+            m = m & (kcols.view(1, 1, -1) <= rows.view(1, -1, 1))
         counts.append(m.sum(-1).to(torch.int32))
         key = torch.where(m, cols.view(1, 1, -1), nbk + cols.view(1, 1, -1))
         idx.append(torch.sort(key, -1).values)

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..layouts import cached_table
+from ..layouts import cached_table, kv_block_table
 from .reference import (_check_cu_seqlens, _check_layout_heads, _check_qkv, _check_scale,
                         _positions)
 
@@ -40,23 +40,8 @@ def _block_table(layout, hq, qb_lo, nqb, kb_lo, nkb, causal, device):
     key = (layout.key, hq, qb_lo, nqb, kb_lo, nkb, bool(causal), str(device))
 
     def build():
-        heads = layout.pattern_index(torch.arange(hq, device=device))
-        cols = torch.arange(nkb, device=device)
-        counts, idx = [], []
-        chunk = max(1, (1 << 22) // max(1, hq * nkb))
-        for r0 in range(0, nqb, chunk):
-            rows = torch.arange(qb_lo + r0, qb_lo + min(nqb, r0 + chunk), device=device)
-            m = layout.allowed(heads, rows, cols + kb_lo)                     # [H, r, nkb]
-            if causal:
-                m = m & ((cols + kb_lo).view(1, 1, -1) <= rows.view(1, -1, 1))
-            counts.append(m.sum(-1, dtype=torch.int32))
-            sort_key = torch.where(m, cols.view(1, 1, -1), nkb + cols.view(1, 1, -1))
-            idx.append(torch.sort(sort_key, -1).values)
-        counts = torch.cat(counts, 1)
-        width = max(1, int(counts.max())) if counts.numel() else 1
-        idx = torch.cat([i[..., :width] for i in idx], 1)
-        idx = torch.where(idx >= nkb, 0, idx).to(torch.int32)
-        return counts.contiguous(), idx.contiguous()
+        return kv_block_table(layout, nqb, nkb, qb_lo, causal=causal, num_heads=hq, device=device,
+                              k_block_start=kb_lo)
 
     return cached_table(_TABLE_CACHE, _TABLE_CACHE_SIZE, key, device, build)
 
