@@ -844,11 +844,11 @@ def test_tables_read_by_a_captured_graph_outlive_the_lru(monkeypatch):
     monkeypatch.setattr(L, "_CAPTURED_TABLES", {})
     warm = tile_table(lay, q_range=(40, 41), k_range=(0, 41), **kw)
     unused = tile_table(lay, q_range=(56, 57), k_range=(0, 57), **kw)   # built, not captured
-    monkeypatch.setattr(L, "_capturing", lambda device: True)
+    monkeypatch.setattr(L, "is_capturing", lambda device: True)
     assert tile_table(lay, q_range=(40, 41), k_range=(0, 41), **kw) is warm
     with pytest.raises(RuntimeError, match="outside the graph first"):
         tile_table(lay, q_range=(4000, 4001), k_range=(0, 4001), **kw)
-    monkeypatch.setattr(L, "_capturing", lambda device: False)
+    monkeypatch.setattr(L, "is_capturing", lambda device: False)
     for p in range(L._TABLE_CACHE_SIZE + 1):   # push every entry out of the LRU
         tile_table(lay, q_range=(1000 + 16 * p, 1001 + 16 * p), k_range=(0, 1001 + 16 * p), **kw)
     assert all(t is not warm for t in L._TABLE_CACHE.values())

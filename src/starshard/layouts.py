@@ -370,7 +370,8 @@ _TABLE_LOCK = threading.Lock()
 _CAPTURED_TABLES: "dict[int, dict]" = {}
 
 
-def _capturing(device):
+def is_capturing(device):
+    """Whether ``device`` is a CUDA device and the current stream is capturing a CUDA graph."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
@@ -378,7 +379,7 @@ def cached_table(cache, limit, key, device, build):
     """``cache[key]``, made by ``build()`` on a miss and kept in an LRU of ``limit`` entries.
     While a CUDA graph is being captured on ``device`` a hit is also kept for good (the graph
     reads it at every replay), and a miss raises: a table cannot be built during capture."""
-    capturing = _capturing(torch.device(device))
+    capturing = is_capturing(torch.device(device))
     with _TABLE_LOCK:
         hit = cache.get(key)
         if hit is not None:

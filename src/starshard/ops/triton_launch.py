@@ -7,7 +7,7 @@ import math
 import torch
 import triton
 
-from ..layouts import cached_table, tile_table
+from ..layouts import cached_table, is_capturing, tile_table
 from .triton_bwd import s2_bwd_delta_kernel, s2_bwd_dkdv_kernel, s2_bwd_dq_kernel
 from .triton_fwd import s2_fwd_kernel, s2_fwd_kernel_varying, s2_merge_splits_kernel
 
@@ -280,7 +280,7 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     busy_tiles = batch * (hq // pack) * ((-(-max_q // bm) + 1) if varlen else n_m)
     key_steps = tab.units.shape[-1] // max(1, bn // tab.unit)
     # a decode launch captured in a CUDA graph splits for kernel time alone (same tables)
-    graph = bm == 16 and q.is_cuda and torch.cuda.is_current_stream_capturing()
+    graph = bm == 16 and is_capturing(q.device)
     splits = _fwd_splits(bm, busy_tiles, key_steps, q.device, graph)
     if n_m <= 0 or batch == 0 or q.numel() == 0 or k.numel() == 0:
         out.zero_()
