@@ -314,10 +314,16 @@ def s2_fwd_kernel(
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     INT64: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
     FUSED: tl.constexpr, POS_SCALE: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr,
-    HALVES: tl.constexpr = False, PACK: tl.constexpr = 1,
+    HALVES: tl.constexpr = False, PACK: tl.constexpr = 1, CACHE: tl.constexpr = False,
+    TAB_DIV: tl.constexpr = 1,
 ):
     # PACK > 1 (decode tiles): one program takes PACK query heads of one KV head, BLOCK_M // PACK
-    # query positions each, so the K/V of a GQA group is read once; H counts head packs
+    # query positions each, so the K/V of a GQA group is read once; H counts head packs.
+    # CACHE (a preallocated KV cache of Nk slots a sequence): CU_K holds each sequence's key
+    # count, read here, so one launch (one CUDA graph) serves every length; the queries are the
+    # last Nq positions; program pid_m takes the pid_m-th tile from the one holding the first
+    # query (m_first: Nq // TQ + 1, so that floor division sees no negative number); the table's
+    # tiles are TAB_DIV of ours.
     pid_m, b, h = _program_ids(ORDER, n_prog_tiles, H, ORDERED)
     h = h * PACK
     hk = h // KV_GROUP
@@ -336,8 +342,12 @@ def s2_fwd_kernel(
         base_l = q_off.to(tl.int64) * sln
     else:
         nq = Nq
-        nk = Nk
-        qs = q_start
+        if CACHE:
+            nk = tl.minimum(tl.maximum(tl.load(CU_K + b), 0), Nk)
+            qs = nk - Nq
+        else:
+            nk = Nk
+            qs = q_start
         ks = k_start
         base_q = b.to(tl.int64) * sqb
         base_k = b.to(tl.int64) * skb
@@ -350,10 +360,17 @@ def s2_fwd_kernel(
     base_k += hk.to(tl.int64) * skh
     base_v += hk.to(tl.int64) * svh
 
-    m = m_first + pid_m
+    if CACHE:
+        m = (qs + m_first * TQ) // TQ - m_first + pid_m
+    else:
+        m = m_first + pid_m
     if (m * TQ - qs >= nq) | ((m + 1) * TQ - qs <= 0):
         return
-    nfull, ntot, toff = _tile_entries(T_NFULL, T_NTOT, h // TAB_GROUP, m, t0, n_tab_tiles, tab_len)
+    if TAB_DIV > 1:
+        mt = tl.where(m >= 0, m // TAB_DIV, -1)
+    else:
+        mt = m
+    nfull, ntot, toff = _tile_entries(T_NFULL, T_NTOT, h // TAB_GROUP, mt, t0, n_tab_tiles, tab_len)
     if HALVES:
         _fwd_tile_halves(Q, O, LSE, K, V, DESC_K, DESC_V, T_UNITS, T_BITS, toff, nfull, ntot,
                          base_q, base_o, base_l, base_k, base_v, m, b, hk, qs, ks, nq, nk, Nk,
@@ -375,6 +392,8 @@ def s2_fwd_kernel(
         head_q = 0
         head_o = 0
         head_l = 0
+    if TAB_DIV > 1:   # the row's sub-block within the table's (larger) tile
+        sub_r = (pos_m - mt * (TQ * TAB_DIV)) // SUB
     rows = pos_m - qs
     row_ok = (rows >= 0) & (rows < nq)
     offs_d = tl.arange(0, BLOCK_D)

@@ -247,15 +247,22 @@ def _tables(layout, transpose, tile, unit_cap, group_axis, q_range, k_range, cau
 
 
 def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, cu_k=None,
-            max_q=0, max_k=0):
-    """Run the forward kernel. Returns (out, lse); out has q's shape (contiguous), lse fp32."""
+            max_q=0, max_k=0, cache_lens=None):
+    """Run the forward kernel. Returns (out, lse); out has q's shape (contiguous), lse fp32.
+    ``cache_lens`` (int32 [B] on the device, causal only): k/v are caches of ``Nk`` slots a
+    sequence holding ``cache_lens[b]`` keys, the queries being the last ``Nq`` of them; the
+    tables cover the whole cache, so no launch argument depends on the lengths."""
     varlen = cu_q is not None
+    cache = cache_lens is not None
     d = q.shape[-1]
     hq, hkv = q.shape[-2], k.shape[-2]
     bm, bn, warps, stages = fwd_config(layout.block_size, d, q.dtype,
                                        max_q if varlen else q.shape[1])
     tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
-    q_range, k_range = _geometry(q, k, q_start, k_start, varlen, max_q, max_k)
+    if cache:
+        q_range = k_range = (0, k.shape[1])
+    else:
+        q_range, k_range = _geometry(q, k, q_start, k_start, varlen, max_q, max_k)
     out = _empty(q.shape, q.dtype, q.device)
     if varlen:
         batch = cu_q.numel() - 1
@@ -270,10 +277,16 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         cu_q = cu_k = out  # unused placeholders
     pack = _fwd_pack(bm, varlen, hq, hkv, tab_group)
     tq = bm // pack   # query positions per tile
-    tab = _tables(layout, False, tq, bn, bn, q_range, k_range, causal, varlen, q.device)
+    # a cache's table spans every slot: tiles of a whole layout block where ours are smaller
+    tab_div = max(1, layout.block_size // tq) if cache else 1
+    tab = _tables(layout, False, tq * tab_div, bn, bn, q_range, k_range, causal, varlen, q.device)
     if varlen:
         m_first = -((max_q + bm - 1) // bm)
         n_m = -(-max_k // bm) - m_first
+    elif cache:   # tiles counted from the first query's (see the kernel)
+        m_first = nq // tq + 1
+        n_m = -(-nq // tq) + 1
+        cu_k = cache_lens
     else:
         m_first = qs // tq
         n_m = -(-(qs + nq) // tq) - m_first
@@ -287,12 +300,13 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         lse.fill_(float("-inf"))
         return out, lse
     # decode steps (16-row tiles) change lengths every call: grid order, no per-length table
-    order = None if bm == 16 else _program_order(tab, hq, 1, tab_group, m_first, n_m, "fwd")
+    order = None if bm == 16 or cache else \
+        _program_order(tab, hq, 1, tab_group, m_first, n_m, "fwd")
     bd = _block_d(d)
     descs = _tma_descriptors(k, v, bn, bd, d, tab.unit, varlen)
     fused = _fwd_variant("fused") and sm_scale != 0
     grid = _grid(order, n_m, hq // pack, batch)
-    halves = _fwd_halves(bm, fused, varlen, splits)
+    halves = _fwd_halves(bm, fused, varlen or cache, splits)
     o_dst, l_dst, so, split_strides = out, lse, _strides4(out, varlen), (0, 0)
     if splits > 1:   # partials per split into fp32 buffers, rows (b, n, h) for both
         rows = out.numel() // d
@@ -316,7 +330,8 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
             CAUSAL=causal, VARLEN=varlen, INT64=_needs_int64(q, k, v),
             DOT_PREC=_dot_precision(q.dtype), ORDERED=order is not None,
             FUSED=fused, POS_SCALE=sm_scale > 0, TMA=descs is not None, SPLIT=splits > 1,
-            HALVES=halves, PACK=pack, num_warps=warps, num_stages=stages)
+            HALVES=halves, PACK=pack, CACHE=cache, TAB_DIV=tab_div, num_warps=warps,
+            num_stages=stages)
         if splits > 1:
             s2_merge_splits_kernel[(l_dst.shape[1],)](
                 o_dst, l_dst, out, lse, splits, hq, q.shape[0] if varlen else nq,

@@ -1,0 +1,135 @@
+"""Time decode steps over a preallocated KV cache: one CUDA graph for every step.
+
+PYTHONPATH=src python benchmarks/bench_decode_kvcache.py [--n 4k,32k,128k] [--batch 1,8] [--out F]
+python benchmarks/bench_decode_kvcache.py --device cpu --n 512 --batch 2 --steps 4 --heads 4 --kv-heads 2  # smoke
+
+A step is ``starshard.sparse_attention_kvcache``: one new query a sequence, its K/V appended to
+a ``[B, N, Hkv, D]`` bf16 cache at the sequence's length, attention over the cache, then the
+lengths (a device tensor) grow by one. "graph": that step captured once in a CUDA graph and
+replayed ``--steps`` times, ending at length N (ms a replay, median of 5 runs); "eager": the same
+steps called directly (host time included). Baselines over the same lengths: the library's
+``sparse_attention`` on cache slices, captured per length as ``bench_decode_step.py`` does
+("slices graph", the whole loop in one graph of ``--steps`` differently shaped calls), and
+SDPA (flash) over all keys likewise ("sdpa graph"). The last step's output is checked against
+``backend='torch'`` in fp32 (max abs err).
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+import _common  # noqa: E402
+import starshard as ss  # noqa: E402
+from bench_decode_step import LAYOUTS, _graph_loop, _sync  # noqa: E402
+
+
+def _timed(fn, steps, device, reset, runs=5):
+    times = []
+    for _ in range(runs):
+        reset()
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - t) / steps * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def run_case(name, n, batch, steps, h, hkv, d, device, dtype):
+    lay = ss.local_stride(h, **LAYOUTS[name], num_kv_heads=hkv)
+    g = torch.Generator(device=device).manual_seed(n + batch)
+    kc, vc = (torch.randn(batch, n, hkv, d, device=device, dtype=dtype, generator=g)
+              for _ in range(2))
+    q = torch.randn(batch, 1, h, d, device=device, dtype=dtype, generator=g)
+    kn, vn = (torch.randn(batch, 1, hkv, d, device=device, dtype=dtype, generator=g)
+              for _ in range(2))
+    first = n - steps
+    seqlens = torch.full((batch,), first, dtype=torch.int32, device=device)
+
+    def step():
+        out = ss.sparse_attention_kvcache(q, kc, vc, lay, seqlens, k=kn, v=vn)
+        seqlens.add_(1)
+        return out
+
+    def reset():
+        seqlens.fill_(first)
+
+    rows = []
+    out = None
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            step()   # warm-up: compiles, builds the one table
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        ms = _timed(graph.replay, steps, device, reset)
+        rows.append(dict(layout=name, n=n, batch=batch, variant="kvcache graph", ms_per_step=ms))
+    holder = []
+    ms = _timed(lambda: holder.append(step()), steps, device, reset)
+    rows.append(dict(layout=name, n=n, batch=batch, variant="kvcache eager", ms_per_step=ms))
+    if out is None:
+        out = holder[-1]
+    else:   # the graph's output buffer holds the last replay; run the loop once more to refill it
+        reset()
+        for _ in range(steps):
+            graph.replay()
+        _sync(device)
+    ref = ss.sparse_attention(q.float(), kc.float(), vc.float(), lay, backend="torch")
+    err = (out.float() - ref).abs().max().item()
+    for r in rows:
+        r["max_abs_err_last_step"] = err
+    if device.type == "cuda":
+        sl = lambda m: ss.sparse_attention(q, kc[:, :m], vc[:, :m], lay)  # noqa: E731
+        ms, _ = _graph_loop(sl, first, steps, device)
+        rows.append(dict(layout=name, n=n, batch=batch, variant="slices graph", ms_per_step=ms))
+        sdpa = lambda m: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q.transpose(1, 2), kc[:, :m].transpose(1, 2), vc[:, :m].transpose(1, 2),
+            enable_gqa=True)
+        ms, _ = _graph_loop(sdpa, first, steps, device)
+        rows.append(dict(layout="sdpa dense", n=n, batch=batch, variant="sdpa graph",
+                         ms_per_step=ms))
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", default="4k,32k,128k", help="cache slots = length at the last step")
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--layouts", default="bs64_l16_s16,bs128_l8_s16,dense_bs64")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for name in a.layouts.split(","):
+        for n in _common.parse_sizes(a.n):
+            for b in (int(x) for x in a.batch.split(",")):
+                rows += run_case(name, n, b, a.steps, a.heads, a.kv_heads, a.head_dim, device,
+                                 dtype)
+    res = dict(env=_common.env_info(), heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
+               dtype=str(dtype), steps=a.steps, rows=rows)
+    _common.write_json(a.out or os.path.join(_common.RESULTS, "bench_decode_kvcache.json"), res)
+    print(_common.markdown_table(
+        ["layout", "N", "batch", "variant", "ms / step", "max abs err"],
+        [[r["layout"], _common.size_label(r["n"]), r["batch"], r["variant"],
+          f"{r['ms_per_step']:.4f}", _common.fmt(r.get("max_abs_err_last_step"), ".1e")]
+         for r in rows]))
+
+
+if __name__ == "__main__":
+    main()

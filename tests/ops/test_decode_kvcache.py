@@ -1,0 +1,163 @@
+"""sparse_attention_kvcache: attention over a preallocated KV cache with per-sequence lengths on
+the device, against the float64 reference over each sequence's own keys.
+
+The Triton cases run under ``TRITON_INTERPRET=1`` on a CPU machine (fp32/fp16, small shapes);
+the torch backend runs everywhere.
+"""
+import os
+
+import pytest
+import torch
+
+import starshard as ss
+from starshard.ops import triton_launch
+from starshard.ops.reference import reference_attention
+
+HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+
+
+def _layout(kind, hq, hkv, bs):
+    if kind == "gqa_shared":
+        return ss.local_stride(hq, bs, 2, 3, num_kv_heads=hkv)
+    if kind == "hetero":
+        return ss.local_stride(hq, bs, 1, 2, head_offset=1)
+    if kind == "dense":
+        return ss.local_stride(hq, bs, 1, 1)
+    if kind == "random":
+        g = torch.Generator().manual_seed(bs)
+        return ss.BlockLayout.from_mask(torch.rand(40, 40, generator=g) < 0.4, bs)
+    raise ValueError(kind)
+
+
+def _cache(b, cap, hkv, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, cap, hkv, d, generator=g).to(DEV, dtype)
+    v = torch.randn(b, cap, hkv, d, generator=g).to(DEV, dtype)
+    return k, v
+
+
+def _reference(q, k_cache, v_cache, layout, lens, dtype=torch.float64):
+    """Each sequence over its first lens[b] keys, the queries being the last Nq positions."""
+    outs, lses = [], []
+    nq = q.shape[1]
+    for i, n in enumerate(lens):
+        o, l = reference_attention(q[i:i + 1], k_cache[i:i + 1, :n], v_cache[i:i + 1, :n], layout,
+                                   q_start=n - nq, dtype=dtype)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _close(out, lse, ref, ref_lse, atol):
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=atol, rtol=0)
+
+
+# (kind, bs, hq, hkv, d, nq, lens, capacity, dtype, cfg)
+CASES = [
+    ("gqa_shared", 64, 8, 2, 32, 1, [1, 130, 200, 77], 256, torch.float32, {}),   # packed x4
+    ("hetero", 16, 4, 2, 24, 3, [5, 64, 161], 180, torch.float16, {}),             # not packed
+    ("dense", 32, 4, 1, 32, 2, [1, 90, 255], 260, torch.float32, dict(fwd_splits=3)),
+    ("random", 16, 2, 2, 40, 16, [16, 100, 231], 250, torch.float32, {}),
+    ("gqa_shared", 128, 4, 4, 32, 20, [20, 140, 300], 300, torch.float16, {}),     # 64-row tiles
+    ("gqa_shared", 32, 8, 1, 32, 4, [0, 2, 37], 64, torch.float32, {}),            # Nq > length
+]
+
+
+def _ids(c):
+    return f"{c[0]}-bs{c[1]}-h{c[2]}x{c[3]}-q{c[5]}-{str(c[8])[6:]}{'-cfg' if c[9] else ''}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_kvcache_matches_the_reference(case, backend):
+    """Ragged lengths in one cache, with and without appending the new keys; the slots past each
+    length hold garbage (NaN) that must never be read."""
+    kind, bs, hq, hkv, d, nq, lens, cap, dtype, cfg = case
+    layout = _layout(kind, hq, hkv, bs)
+    b = len(lens)
+    k_cache, v_cache = _cache(b, cap, hkv, d, dtype, seed=bs + nq)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(b, nq, hq, d, generator=g).to(DEV, dtype)
+    for i, n in enumerate(lens):   # beyond each length: NaN, which any read would spread
+        k_cache[i, n:] = float("nan")
+        v_cache[i, n:] = float("nan")
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    ref, ref_lse = _reference(q, k_cache, v_cache, layout, lens)
+    atol = 2e-5 if dtype == torch.float32 else 4e-3
+    with triton_launch.kernel_config(poison=True, **cfg):
+        out, lse = ss.sparse_attention_kvcache(q, k_cache, v_cache, layout, seqlens,
+                                               return_lse=True, backend=backend)
+    _close(out, lse, ref, ref_lse, atol)
+    # append mode: the last Nq keys come in as k/v and are written at slots lens - Nq ...
+    app = [n for n in lens if n >= nq]
+    keep = [i for i, n in enumerate(lens) if n >= nq]
+    kc, vc = k_cache[keep].clone(), v_cache[keep].clone()
+    rows = torch.arange(len(keep)).unsqueeze(1)
+    pos = torch.tensor(app).unsqueeze(1) - nq + torch.arange(nq)
+    k_new, v_new = kc[rows, pos].clone(), vc[rows, pos].clone()
+    kc[rows, pos] = float("nan")
+    vc[rows, pos] = float("nan")
+    before = torch.tensor(app, dtype=torch.int32, device=DEV) - nq
+    with triton_launch.kernel_config(poison=True, **cfg):
+        out2, lse2 = ss.sparse_attention_kvcache(q[keep], kc, vc, layout, before, k=k_new, v=v_new,
+                                                 return_lse=True, backend=backend)
+    assert torch.equal(before, torch.tensor(app, dtype=torch.int32, device=DEV) - nq)
+    assert torch.equal(kc[rows, pos], k_new) and torch.equal(vc[rows, pos], v_new)
+    _close(out2, lse2, ref[keep], ref_lse[keep], atol)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+def test_one_table_serves_every_length(monkeypatch):
+    """Decode steps over one cache as the lengths grow build a single layout table (nothing on
+    the host depends on the lengths) and each step matches the reference."""
+    hq, hkv, d, cap = 4, 2, 32, 200
+    layout = ss.local_stride(hq, 32, 1, 2, num_kv_heads=hkv)
+    k_cache, v_cache = _cache(2, cap, hkv, d, torch.float32, seed=5)
+    g = torch.Generator().manual_seed(9)
+    built = []
+    real = triton_launch._tables
+    monkeypatch.setattr(triton_launch, "_tables",
+                        lambda *a, **kw: built.append(a[2:8]) or real(*a, **kw))
+    for lens in ([1, 31], [32, 33], [64, 150], [199, 200]):
+        q = torch.randn(2, 1, hq, d, generator=g).to(DEV)
+        seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+        out, lse = ss.sparse_attention_kvcache(q, k_cache, v_cache, layout, seqlens,
+                                               return_lse=True, backend="triton")
+        ref, ref_lse = _reference(q, k_cache, v_cache, layout, lens)
+        _close(out, lse, ref, ref_lse, 2e-5)
+    assert len(set(built)) == 1, built
+
+
+def test_kvcache_bad_input():
+    layout = ss.local_stride(4, 16, 1, 2)
+    q = torch.randn(2, 1, 4, 8)
+    kc = torch.randn(2, 40, 2, 8)
+    vc = torch.randn(2, 40, 2, 8)
+    ok = torch.tensor([3, 5], dtype=torch.int32)
+    call = ss.sparse_attention_kvcache
+    with pytest.raises(TypeError, match="cache_seqlens must be a torch.Tensor"):
+        call(q, kc, vc, layout, [3, 5])
+    with pytest.raises(TypeError, match="int32 or int64"):
+        call(q, kc, vc, layout, ok.float())
+    with pytest.raises(ValueError, match=r"shape \[B\] = \[2\]"):
+        call(q, kc, vc, layout, ok[:1])
+    with pytest.raises(ValueError, match="both k and v"):
+        call(q, kc, vc, layout, ok, k=torch.randn(2, 1, 2, 8))
+    with pytest.raises(ValueError, match=r"k must have shape \[B, Nq, Hkv, D\]"):
+        call(q, kc, vc, layout, ok, k=torch.randn(2, 2, 2, 8), v=torch.randn(2, 2, 2, 8))
+    with pytest.raises(ValueError, match="sequence 1: cache_seqlens 40, length 41"):
+        call(q, kc, vc, layout, torch.tensor([3, 40]), k=torch.randn(2, 1, 2, 8),
+             v=torch.randn(2, 1, 2, 8))
+    with pytest.raises(ValueError, match="sequence 0: cache_seqlens -1"):
+        call(q, kc, vc, layout, torch.tensor([-1, 4]))
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        call(torch.randn(2, 1, 3, 8), kc, vc, ss.local_stride(3, 16, 1, 2), ok)
+    with pytest.raises(RuntimeError, match="no backward"):
+        call(q.requires_grad_(), kc, vc, layout, ok)
+    # nothing was written by the calls that failed their checks
+    assert torch.equal(kc, kc.clone()) and not torch.isnan(kc).any()
