@@ -7,7 +7,8 @@ A step is ``starshard.sparse_attention_kvcache``: one new query a sequence, its 
 a ``[B, N, Hkv, D]`` bf16 cache at the sequence's length, attention over the cache, then the
 lengths (a device tensor) grow by one. "graph": that step captured once in a CUDA graph and
 replayed ``--steps`` times, ending at length N (ms a replay, median of 5 runs); "eager": the same
-steps called directly (host time included). Baselines over the same lengths: the library's
+steps called directly (host time included); "paged16": the same cache as shuffled pages of 16
+slots with a block table (``--pages``). Baselines over the same lengths: the library's
 ``sparse_attention`` on cache slices, captured per length as ``bench_decode_step.py`` does
 ("slices graph", the whole loop in one graph of ``--steps`` differently shaped calls), and
 SDPA (flash) over all keys likewise ("sdpa graph"). The last step's output is checked against
@@ -40,11 +41,21 @@ def _timed(fn, steps, device, reset, runs=5):
     return sorted(times)[len(times) // 2]
 
 
-def run_case(name, n, batch, steps, h, hkv, d, device, dtype):
+def run_case(name, n, batch, steps, h, hkv, d, device, dtype, page=None):
     lay = ss.local_stride(h, **LAYOUTS[name], num_kv_heads=hkv)
     g = torch.Generator(device=device).manual_seed(n + batch)
     kc, vc = (torch.randn(batch, n, hkv, d, device=device, dtype=dtype, generator=g)
               for _ in range(2))
+    table, kp, vp, tag = None, kc, vc, "kvcache"
+    if page:   # the same cache as shuffled pages
+        per = -(-n // page)
+        table = torch.randperm(batch * per, device=device, generator=g).view(batch, per).int()
+        kp, vp = (torch.empty(batch * per, page, hkv, d, device=device, dtype=dtype)
+                  for _ in range(2))
+        for c, p in ((kc, kp), (vc, vp)):
+            full = torch.nn.functional.pad(c, (0, 0, 0, 0, 0, per * page - n))
+            p[table.long()] = full.view(batch, per, page, hkv, d)
+        tag = f"kvcache paged{page}"
     q = torch.randn(batch, 1, h, d, device=device, dtype=dtype, generator=g)
     kn, vn = (torch.randn(batch, 1, hkv, d, device=device, dtype=dtype, generator=g)
               for _ in range(2))
@@ -52,7 +63,7 @@ def run_case(name, n, batch, steps, h, hkv, d, device, dtype):
     seqlens = torch.full((batch,), first, dtype=torch.int32, device=device)
 
     def step():
-        out = ss.sparse_attention_kvcache(q, kc, vc, lay, seqlens, k=kn, v=vn)
+        out = ss.sparse_attention_kvcache(q, kp, vp, lay, seqlens, k=kn, v=vn, block_table=table)
         seqlens.add_(1)
         return out
 
@@ -71,10 +82,10 @@ def run_case(name, n, batch, steps, h, hkv, d, device, dtype):
         with torch.cuda.graph(graph):
             out = step()
         ms = _timed(graph.replay, steps, device, reset)
-        rows.append(dict(layout=name, n=n, batch=batch, variant="kvcache graph", ms_per_step=ms))
+        rows.append(dict(layout=name, n=n, batch=batch, variant=f"{tag} graph", ms_per_step=ms))
     holder = []
     ms = _timed(lambda: holder.append(step()), steps, device, reset)
-    rows.append(dict(layout=name, n=n, batch=batch, variant="kvcache eager", ms_per_step=ms))
+    rows.append(dict(layout=name, n=n, batch=batch, variant=f"{tag} eager", ms_per_step=ms))
     if out is None:
         out = holder[-1]
     else:   # the graph's output buffer holds the last replay; run the loop once more to refill it
@@ -82,11 +93,13 @@ def run_case(name, n, batch, steps, h, hkv, d, device, dtype):
         for _ in range(steps):
             graph.replay()
         _sync(device)
+    if page:   # the appended keys went into the pages
+        kc, vc = (p[table.long()].flatten(1, 2)[:, :n] for p in (kp, vp))
     ref = ss.sparse_attention(q.float(), kc.float(), vc.float(), lay, backend="torch")
     err = (out.float() - ref).abs().max().item()
     for r in rows:
         r["max_abs_err_last_step"] = err
-    if device.type == "cuda":
+    if device.type == "cuda" and not page:
         sl = lambda m: ss.sparse_attention(q, kc[:, :m], vc[:, :m], lay)  # noqa: E731
         ms, _ = _graph_loop(sl, first, steps, device)
         rows.append(dict(layout=name, n=n, batch=batch, variant="slices graph", ms_per_step=ms))
@@ -110,6 +123,7 @@ def main():
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--pages", default="16", help="page sizes to time a paged cache with ('' none)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -119,8 +133,9 @@ def main():
     for name in a.layouts.split(","):
         for n in _common.parse_sizes(a.n):
             for b in (int(x) for x in a.batch.split(",")):
-                rows += run_case(name, n, b, a.steps, a.heads, a.kv_heads, a.head_dim, device,
-                                 dtype)
+                for page in [None] + [int(x) for x in a.pages.split(",") if x]:
+                    rows += run_case(name, n, b, a.steps, a.heads, a.kv_heads, a.head_dim,
+                                     device, dtype, page)
     res = dict(env=_common.env_info(), heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
                dtype=str(dtype), steps=a.steps, rows=rows)
     _common.write_json(a.out or os.path.join(_common.RESULTS, "bench_decode_kvcache.json"), res)

@@ -350,21 +350,33 @@ def test_capture_needs_a_warm_up_and_keeps_its_tables(monkeypatch):
 @pytest.mark.parametrize("name,kw", [("bs64-l16-s16", dict(block_size=64, local_blocks=16,
                                                             vert_stride=16)),
                                      ("dense", dict(block_size=64, local_blocks=1, vert_stride=1))])
-def test_kvcache_decode_loop_is_one_cuda_graph(name, kw):
+@pytest.mark.parametrize("page", [None, 16])
+def test_kvcache_decode_loop_is_one_cuda_graph(name, kw, page):
     """One captured step of sparse_attention_kvcache (append the new K/V, attend) replayed for
-    every step of a decode loop over a 40k-slot bf16 cache (batch 3, ragged lengths, GQA 32/8):
-    the lengths change only in a device tensor. Each replay equals the eager call on the same
-    cache (bit for bit: same launch), and the last steps are within the bound of the reference."""
+    every step of a decode loop over a 40k-slot bf16 cache (batch 3, ragged lengths, GQA 32/8;
+    contiguous, or pages of 16 slots in a shuffled pool): the lengths change only in a device
+    tensor. Each replay equals the eager call on the same cache (bit for bit: same launch), and
+    the last steps are within the bound of the reference."""
     torch.manual_seed(11)
     cap, hq, hkv, d, b = 40000, 32, 8, 128, 3
     layout = ss.local_stride(hq, **kw, num_kv_heads=hkv)
-    kc, vc = (torch.randn(b, cap, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    table = None
+    if page:
+        per = cap // page
+        table = torch.randperm(b * per + 5, device="cuda")[:b * per].view(b, per).int()
+        kc, vc = (torch.randn(b * per + 5, page, hkv, d, device="cuda", dtype=torch.bfloat16)
+                  for _ in range(2))
+        flat = lambda c: c[table.long()].flatten(1, 2)  # noqa: E731
+    else:
+        kc, vc = (torch.randn(b, cap, hkv, d, device="cuda", dtype=torch.bfloat16)
+                  for _ in range(2))
+        flat = lambda c: c  # noqa: E731
     start = torch.tensor([5, 17000, 39990], dtype=torch.int32, device="cuda")
     seqlens = start.clone()
     q = torch.randn(b, 1, hq, d, device="cuda", dtype=torch.bfloat16)
     kn, vn = (torch.randn(b, 1, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     step = lambda: ss.sparse_attention_kvcache(q, kc, vc, layout, seqlens, k=kn, v=vn,  # noqa: E731
-                                               return_lse=True)
+                                               block_table=table, return_lse=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -380,14 +392,16 @@ def test_kvcache_decode_loop_is_one_cuda_graph(name, kw):
         torch.cuda.synchronize()
         kc2, vc2 = kc.clone(), vc.clone()   # the replay appended; eager appends the same again
         eager_out, eager_lse = ss.sparse_attention_kvcache(q, kc2, vc2, layout, seqlens, k=kn,
-                                                           v=vn, return_lse=True)
+                                                           v=vn, block_table=table,
+                                                           return_lse=True)
         assert torch.equal(kc2, kc) and torch.equal(out, eager_out) and torch.equal(lse, eager_lse)
         seqlens += 1
-    for j, n in enumerate((seqlens - 0).tolist()):
+    kf, vf = flat(kc), flat(vc)
+    for j, n in enumerate(seqlens.tolist()):
         assert n == start[j].item() + 10
-        ref, ref_lse = reference_attention(q[j:j + 1], kc[j:j + 1, :n], vc[j:j + 1, :n], layout,
+        ref, ref_lse = reference_attention(q[j:j + 1], kf[j:j + 1, :n], vf[j:j + 1, :n], layout,
                                            dtype=torch.float32)
-        same, _ = reference_attention(q[j:j + 1], kc[j:j + 1, :n], vc[j:j + 1, :n], layout,
+        same, _ = reference_attention(q[j:j + 1], kf[j:j + 1, :n], vf[j:j + 1, :n], layout,
                                       dtype=torch.bfloat16)
         _bound(out[j:j + 1], ref, same, 2e-3)
         assert (lse[j:j + 1] - ref_lse).abs().max().item() < 1e-3

@@ -50,6 +50,30 @@ def _reference(q, k_cache, v_cache, layout, lens, dtype=torch.float64):
     return torch.cat(outs), torch.cat(lses)
 
 
+def _paged(k_cache, v_cache, page, seed):
+    """The same caches as pages of ``page`` slots in a shuffled pool with spare pages (NaN):
+    (k_pages, v_pages, block_table int32 [B, pages a sequence])."""
+    b, cap, h, d = k_cache.shape
+    per = -(-cap // page)
+    pool = b * per + 3
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randperm(pool, generator=g)[:b * per].view(b, per)
+    kp = torch.full((pool, page, h, d), float("nan"), dtype=k_cache.dtype, device=DEV)
+    vp = kp.clone()
+    pad = per * page - cap
+    for i in range(b):
+        kp[table[i]] = torch.nn.functional.pad(k_cache[i], (0, 0, 0, 0, 0, pad),
+                                               value=float("nan")).view(per, page, h, d)
+        vp[table[i]] = torch.nn.functional.pad(v_cache[i], (0, 0, 0, 0, 0, pad),
+                                               value=float("nan")).view(per, page, h, d)
+    return kp, vp, table.to(DEV, torch.int32)
+
+
+def _unpage(kp, table, cap):
+    """[B, cap, Hkv, D] back from the pages."""
+    return kp[table.long()].flatten(1, 2)[:, :cap]
+
+
 def _close(out, lse, ref, ref_lse, atol):
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
     fin = torch.isfinite(ref_lse)
@@ -72,11 +96,13 @@ def _ids(c):
     return f"{c[0]}-bs{c[1]}-h{c[2]}x{c[3]}-q{c[5]}-{str(c[8])[6:]}{'-cfg' if c[9] else ''}"
 
 
+@pytest.mark.parametrize("page", [None, 16, 24])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
-def test_kvcache_matches_the_reference(case, backend):
-    """Ragged lengths in one cache, with and without appending the new keys; the slots past each
-    length hold garbage (NaN) that must never be read."""
+def test_kvcache_matches_the_reference(case, backend, page):
+    """Ragged lengths in one cache, contiguous or paged (pages of 16 or 24 slots, shuffled),
+    with and without appending the new keys; the slots past each length and the spare pages
+    hold NaN, which any read would spread."""
     kind, bs, hq, hkv, d, nq, lens, cap, dtype, cfg = case
     layout = _layout(kind, hq, hkv, bs)
     b = len(lens)
@@ -89,9 +115,19 @@ def test_kvcache_matches_the_reference(case, backend):
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     ref, ref_lse = _reference(q, k_cache, v_cache, layout, lens)
     atol = 2e-5 if dtype == torch.float32 else 4e-3
-    with triton_launch.kernel_config(poison=True, **cfg):
-        out, lse = ss.sparse_attention_kvcache(q, k_cache, v_cache, layout, seqlens,
-                                               return_lse=True, backend=backend)
+
+    def call(q, kc, vc, seqlens, **kw):
+        table = None
+        if page:
+            kc, vc, table = _paged(kc, vc, page, seed=len(lens))
+        with triton_launch.kernel_config(poison=True, **cfg):
+            res = ss.sparse_attention_kvcache(q, kc, vc, layout, seqlens, block_table=table,
+                                              return_lse=True, backend=backend, **kw)
+        if page:   # the caches as the caller sees them, appended keys included
+            kc, vc = _unpage(kc, table, cap), _unpage(vc, table, cap)
+        return res, kc, vc
+
+    (out, lse), _, _ = call(q, k_cache, v_cache, seqlens)
     _close(out, lse, ref, ref_lse, atol)
     # append mode: the last Nq keys come in as k/v and are written at slots lens - Nq ...
     app = [n for n in lens if n >= nq]
@@ -103,9 +139,7 @@ def test_kvcache_matches_the_reference(case, backend):
     kc[rows, pos] = float("nan")
     vc[rows, pos] = float("nan")
     before = torch.tensor(app, dtype=torch.int32, device=DEV) - nq
-    with triton_launch.kernel_config(poison=True, **cfg):
-        out2, lse2 = ss.sparse_attention_kvcache(q[keep], kc, vc, layout, before, k=k_new, v=v_new,
-                                                 return_lse=True, backend=backend)
+    (out2, lse2), kc, vc = call(q[keep], kc, vc, before, k=k_new, v=v_new)
     assert torch.equal(before, torch.tensor(app, dtype=torch.int32, device=DEV) - nq)
     assert torch.equal(kc[rows, pos], k_new) and torch.equal(vc[rows, pos], v_new)
     _close(out2, lse2, ref[keep], ref_lse[keep], atol)
@@ -144,7 +178,7 @@ def test_kvcache_bad_input():
         call(q, kc, vc, layout, [3, 5])
     with pytest.raises(TypeError, match="int32 or int64"):
         call(q, kc, vc, layout, ok.float())
-    with pytest.raises(ValueError, match=r"shape \[B\] = \[2\]"):
+    with pytest.raises(ValueError, match=r"shape \[B\] with B = 2"):
         call(q, kc, vc, layout, ok[:1])
     with pytest.raises(ValueError, match="both k and v"):
         call(q, kc, vc, layout, ok, k=torch.randn(2, 1, 2, 8))
@@ -157,6 +191,20 @@ def test_kvcache_bad_input():
         call(q, kc, vc, layout, torch.tensor([-1, 4]))
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         call(torch.randn(2, 1, 3, 8), kc, vc, ss.local_stride(3, 16, 1, 2), ok)
+    pages = torch.randn(6, 16, 2, 8)
+    with pytest.raises(TypeError, match="block_table must be int32"):
+        call(q, pages, pages.clone(), layout, ok, block_table=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"block_table must have shape \[B, pages a sequence\]"):
+        call(q, pages, pages.clone(), layout, ok, block_table=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="same strides"):
+        call(q, pages, pages.transpose(1, 2).contiguous().transpose(1, 2), layout, ok,
+             block_table=torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"pages in use must lie in 0..5; sequence 1"):
+        call(q, pages, pages.clone(), layout, torch.tensor([3, 17]),
+             block_table=torch.tensor([[0, 1, 9], [2, 6, 9]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="length 49"):   # 3 pages of 16 slots
+        call(q, pages, pages.clone(), layout, torch.tensor([3, 48]), k=torch.randn(2, 1, 2, 8),
+             v=torch.randn(2, 1, 2, 8), block_table=torch.zeros(2, 3, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="no backward"):
         call(q.requires_grad_(), kc, vc, layout, ok)
     # nothing was written by the calls that failed their checks

@@ -1,9 +1,10 @@
 """Attention over a preallocated KV cache whose lengths live on the device (inference only).
 
-A serving loop keeps K/V in fixed buffers ``[B, capacity, Hkv, D]`` and each sequence's length
-in a device tensor, so that one CUDA graph can replay every decode step: nothing the launch
-reads on the host depends on the lengths (the layout table spans the whole capacity and is
-built once). The new keys/values can be written into the cache by the same call.
+A serving loop keeps K/V in fixed buffers (``[B, capacity, Hkv, D]``, or pages
+``[pages, page size, Hkv, D]`` with a block table) and each sequence's length in a device
+tensor, so that one CUDA graph can replay every decode step: nothing the launch reads on the
+host depends on the lengths (the layout table spans the whole capacity and is built once). The
+new keys/values can be written into the cache by the same call.
 """
 from __future__ import annotations
 
@@ -15,17 +16,26 @@ from .sparse_attn import _check_qkv, _resolve_backend, _scale
 __all__ = ["sparse_attention_kvcache"]
 
 
-def _check_cache_args(q, k_cache, v_cache, layout, cache_seqlens, k, v):
-    _check_qkv(q, k_cache, v_cache, layout, 4)
+def _check_cache_args(q, k_cache, v_cache, layout, cache_seqlens, k, v, block_table):
+    _check_qkv(q, k_cache, v_cache, layout, 4, same_batch=block_table is None)
     b, nq = q.shape[0], q.shape[1]
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
-    if cache_seqlens.shape != (b,):
-        raise ValueError(f"cache_seqlens must have shape [B] = [{b}], got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens must be on {q.device}, got {cache_seqlens.device}")
+    for name, t, dtypes, shape in (("cache_seqlens", cache_seqlens, (torch.int32, torch.int64), 1),
+                                   ("block_table", block_table, (torch.int32,), 2)):
+        if t is None and name == "block_table":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            want = " or ".join(str(x)[6:] for x in dtypes)
+            raise TypeError(f"{name} must be {want}, got {t.dtype}")
+        if t.dim() != shape or t.shape[0] != b:
+            dims = "[B]" if shape == 1 else "[B, pages a sequence]"
+            raise ValueError(f"{name} must have shape {dims} with B = {b}, got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device}, got {t.device}")
+    if block_table is not None and k_cache.stride() != v_cache.stride():
+        raise ValueError(f"paged k_cache and v_cache must have the same strides, got "
+                         f"{k_cache.stride()} and {v_cache.stride()}")
     if (k is None) != (v is None):
         raise ValueError("pass both k and v (the new keys/values to append) or neither")
     if k is not None:
@@ -39,82 +49,110 @@ def _check_cache_args(q, k_cache, v_cache, layout, cache_seqlens, k, v):
             if t.dtype != k_cache.dtype or t.device != k_cache.device:
                 raise ValueError(f"{name} must match the cache's dtype and device ({k_cache.dtype}, "
                                  f"{k_cache.device}), got {t.dtype}, {t.device}")
-    layout.check_positions(k_cache.shape[1], k_cache.shape[1])
 
 
-def _check_lengths(cache_seqlens, lens, capacity):
-    """cache_seqlens >= 0 and the lengths attended within the capacity: checked on the host for
-    CPU tensors; on a GPU without a host sync (a failure stops the device with the message),
-    and not at all while a CUDA graph is being captured (the kernel clamps to the capacity)."""
+def _check_lengths(cache_seqlens, lens, capacity, block_table, num_pages, page):
+    """cache_seqlens >= 0, the lengths attended within the capacity and (paged) the pages they
+    use within the cache: checked on the host for CPU tensors; on a GPU without a host sync (a
+    failure stops the device with the message), and not at all while a CUDA graph is being
+    captured (the kernel clamps the lengths to the capacity)."""
     msg = f"cache_seqlens must be >= 0 and the cache lengths (with the appended keys) <= {capacity}"
+    ok = (cache_seqlens >= 0) & (lens <= capacity)
+    pages_ok = None
+    if block_table is not None:
+        used = torch.arange(block_table.shape[1], device=lens.device) < \
+            ((lens.clamp(min=0) + page - 1) // page).unsqueeze(1)
+        pages_ok = (~used | ((block_table >= 0) & (block_table < num_pages))).all(1)
+        page_msg = f"block_table entries of the pages in use must lie in 0..{num_pages - 1}"
     if lens.device.type == "cuda":
         if not is_capturing(lens.device):
-            torch._assert_async(((cache_seqlens >= 0) & (lens <= capacity)).all(), msg)
+            torch._assert_async(ok.all(), msg)
+            if pages_ok is not None:
+                torch._assert_async(pages_ok.all(), page_msg)
         return
-    bad = (cache_seqlens < 0) | (lens > capacity)
-    if bad.any():
-        i = int(bad.nonzero()[0])
+    if not ok.all():
+        i = int((~ok).nonzero()[0])
         raise ValueError(f"{msg}; sequence {i}: cache_seqlens {int(cache_seqlens[i])}, length "
                          f"{int(lens[i])}")
+    if pages_ok is not None and not pages_ok.all():
+        i = int((~pages_ok).nonzero()[0])
+        raise ValueError(f"{page_msg}; sequence {i} uses {block_table[i].tolist()}")
 
 
-def _append(k_cache, v_cache, cache_seqlens, k, v):
-    """Write the Nq new keys/values of sequence b at slots cache_seqlens[b] ... (in bounds:
-    _check_lengths)."""
-    b, nq = k.shape[0], k.shape[1]
-    pos = cache_seqlens.long().unsqueeze(1) + torch.arange(nq, device=k.device)
-    rows = torch.arange(b, device=k.device).unsqueeze(1).expand(b, nq)
-    k_cache[rows, pos] = k
-    v_cache[rows, pos] = v
+def _slots(cache_seqlens, nq, block_table, page):
+    """(cache row, slot) of the Nq new keys of each sequence: [B, Nq] each."""
+    b = cache_seqlens.shape[0]
+    pos = cache_seqlens.long().unsqueeze(1) + torch.arange(nq, device=cache_seqlens.device)
+    if block_table is None:
+        return torch.arange(b, device=pos.device).unsqueeze(1).expand(b, nq), pos
+    return block_table.long().gather(1, pos // page), pos % page
 
 
-def _blockwise_cache(q, k_cache, v_cache, layout, lens, sm_scale):
+def _sequence_kv(k_cache, v_cache, i, n, block_table, page):
+    """K/V of sequence i's first n keys: [1, n, Hkv, D] each."""
+    if block_table is None:
+        return k_cache[i:i + 1, :n], v_cache[i:i + 1, :n]
+    pages = block_table[i, :-(-n // page)].long()
+    h, d = k_cache.shape[2:]
+    return (c[pages].reshape(1, -1, h, d)[:, :n] for c in (k_cache, v_cache))
+
+
+def _blockwise_cache(q, k_cache, v_cache, layout, lens, sm_scale, block_table, page):
     """The CPU path: each sequence over its own keys (host-side lengths)."""
     from .torch_blockwise import blockwise_attention
     b, nq, hq, d = q.shape
     out = q.new_empty(q.shape)
     lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     for i, n in enumerate(lens.tolist()):
-        o, l = blockwise_attention(q[i:i + 1], k_cache[i:i + 1, :n], v_cache[i:i + 1, :n], layout,
-                                   causal=True, sm_scale=sm_scale, q_start=n - nq, k_start=0)
+        kk, vv = _sequence_kv(k_cache, v_cache, i, n, block_table, page)
+        o, l = blockwise_attention(q[i:i + 1], kk, vv, layout, causal=True, sm_scale=sm_scale,
+                                   q_start=n - nq, k_start=0)
         out[i] = o[0]
         lse[i] = l[0].float()
     return out, lse
 
 
 def sparse_attention_kvcache(q, k_cache, v_cache, layout, cache_seqlens, *, k=None, v=None,
-                             sm_scale=None, return_lse=False, backend=None):
+                             block_table=None, sm_scale=None, return_lse=False, backend=None):
     """Causal block-sparse attention of new queries over a KV cache with per-sequence lengths.
 
-    q ``[B, Nq, Hq, D]``; k_cache/v_cache ``[B, capacity, Hkv, D]``; ``cache_seqlens`` int32 (or
-    int64) ``[B]`` on q's device: keys sequence b already holds. With ``k``/``v``
-    ``[B, Nq, Hkv, D]`` the new keys/values are first written into the caches at slots
-    ``cache_seqlens[b] ...`` (in place; ``cache_seqlens`` itself is not changed) and the queries
-    attend ``cache_seqlens[b] + Nq`` keys; without them, ``cache_seqlens[b]`` keys. Either way
-    the queries are the last Nq positions of their sequence (a negative position attends
-    nothing: out 0, lse -inf), as in ``sparse_attention``. Returns out ``[B, Nq, Hq, D]`` (and
-    lse ``[B, Hq, Nq]`` fp32). On CUDA no host sync: the call can be captured in a CUDA graph
-    and replayed for every step as the lengths change (run it once eagerly first to build the
-    layout table). Lengths outside 0..capacity raise a ValueError on the CPU and stop a GPU with
-    a device-side assertion (no check inside a graph capture; the kernel never reads past the
-    capacity). Inference only: no gradients.
+    q ``[B, Nq, Hq, D]``; k_cache/v_cache ``[B, capacity, Hkv, D]``, or with ``block_table``
+    (int32 ``[B, pages a sequence]``) a paged cache ``[pages, page size, Hkv, D]`` whose slot s
+    of sequence b is row ``s % page size`` of page ``block_table[b, s // page size]``;
+    ``cache_seqlens`` int32 (or int64) ``[B]`` on q's device: keys sequence b already holds.
+    With ``k``/``v`` ``[B, Nq, Hkv, D]`` the new keys/values are first written into the cache
+    at slots ``cache_seqlens[b] ...`` (in place; ``cache_seqlens`` itself is not changed) and
+    the queries attend ``cache_seqlens[b] + Nq`` keys; without them, ``cache_seqlens[b]`` keys.
+    Either way the queries are the last Nq positions of their sequence (a negative position
+    attends nothing: out 0, lse -inf), as in ``sparse_attention``. Returns out
+    ``[B, Nq, Hq, D]`` (and lse ``[B, Hq, Nq]`` fp32). On CUDA no host sync: the call can be
+    captured in a CUDA graph and replayed for every step as the lengths change (run it once
+    eagerly first to build the layout table). Lengths outside 0..capacity, or pages outside the
+    cache, raise a ValueError on the CPU and stop a GPU with a device-side assertion (no check
+    inside a graph capture; the kernel never reads past the capacity). Inference only.
     """
-    _check_cache_args(q, k_cache, v_cache, layout, cache_seqlens, k, v)
+    _check_cache_args(q, k_cache, v_cache, layout, cache_seqlens, k, v, block_table)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (q, k_cache, v_cache, k, v)):
         raise RuntimeError("sparse_attention_kvcache has no backward; use sparse_attention for "
                            "training, or call this under torch.no_grad()")
     backend = _resolve_backend(backend, q.device, q.dtype)
     sm_scale = _scale(sm_scale, q.shape[-1])
-    nq, capacity = q.shape[1], k_cache.shape[1]
+    nq = q.shape[1]
+    page = k_cache.shape[1] if block_table is not None else 0
+    capacity = block_table.shape[1] * page if page else k_cache.shape[1]
+    layout.check_positions(capacity, capacity)
     lens = cache_seqlens + nq if k is not None else cache_seqlens
-    _check_lengths(cache_seqlens, lens, capacity)
+    _check_lengths(cache_seqlens, lens, capacity, block_table, k_cache.shape[0], page)
     if k is not None:
-        _append(k_cache, v_cache, cache_seqlens, k, v)
+        rows, slots = _slots(cache_seqlens, nq, block_table, page)
+        k_cache[rows, slots] = k
+        v_cache[rows, slots] = v
     if backend == "torch":
-        out, lse = _blockwise_cache(q, k_cache, v_cache, layout, lens.cpu(), sm_scale)
+        out, lse = _blockwise_cache(q, k_cache, v_cache, layout, lens.cpu(), sm_scale,
+                                    block_table, page)
     else:
         from . import triton_launch
         out, lse = triton_launch.forward(q, k_cache, v_cache, layout, True, sm_scale, 0, 0,
-                                         cache_lens=lens.to(torch.int32))
+                                         cache_lens=lens.to(torch.int32), block_table=block_table)
     return (out, lse) if return_lse else out

@@ -35,7 +35,7 @@ def _check_tensor(name, t, dim):
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def _check_qkv(q, k, v, layout, dim):
+def _check_qkv(q, k, v, layout, dim, same_batch=True):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, dim)
     if not isinstance(layout, BlockLayout):
@@ -46,7 +46,7 @@ def _check_qkv(q, k, v, layout, dim):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if dim == 4 and q.shape[0] != k.shape[0]:
+    if dim == 4 and same_batch and q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")

@@ -26,6 +26,18 @@ def _row_offsets(rows, stride, INT64: tl.constexpr):
 
 
 @triton.jit
+def _kv_offsets(krow, skn, ok, PT, s_page, PAGE: tl.constexpr, INT64: tl.constexpr):
+    """Offsets of key rows ``krow``: ``krow * skn``, or with PAGE > 0 (a paged cache) row
+    ``krow % PAGE`` of page ``PT[krow // PAGE]`` (``s_page`` elements a page)."""
+    if PAGE > 0:
+        page = tl.load(PT + krow // PAGE, mask=ok, other=0)
+        off = page.to(tl.int64) * s_page + ((krow % PAGE) * skn).to(tl.int64)
+    else:
+        off = _row_offsets(krow, skn, INT64)
+    return off
+
+
+@triton.jit
 def _load_rows(ptrs, row_ok, d_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
     """Load a [rows, BLOCK_D] tile, masking only what may be out of bounds."""
     if ROW_MASK:
@@ -83,16 +95,17 @@ def _program_ids(ORDER, n_prog_tiles, H, ORDERED: tl.constexpr):
 @triton.jit
 def _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, idx, slot, within, offs_n, offs_d,
              d_ok, ks, nk, UNIT: tl.constexpr, G: tl.constexpr, INT64: tl.constexpr,
-             VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
+             VARLEN: tl.constexpr, EVEN_D: tl.constexpr, PT=None, s_page=0,
+             PAGE: tl.constexpr = 0):
     """One unmasked step's K/V tiles (forward and dq) and which keys exist: a full entry is in
     bounds unless the batch is packed (VARLEN)."""
     kpos, _ = _unit_rows(T_UNITS, idx, slot, within, offs_n, UNIT, G)
     krow = kpos - ks
     k_ok = krow < nk
-    kk = _load_rows(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
-                    k_ok, d_ok, VARLEN, EVEN_D)
-    vv = _load_rows(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
-                    k_ok, d_ok, VARLEN, EVEN_D)
+    kk = _load_rows(K + base_k + _kv_offsets(krow, skn, k_ok, PT, s_page, PAGE, INT64)[:, None]
+                    + offs_d[None, :] * skd, k_ok, d_ok, VARLEN, EVEN_D)
+    vv = _load_rows(V + base_v + _kv_offsets(krow, svn, k_ok, PT, s_page, PAGE, INT64)[:, None]
+                    + offs_d[None, :] * svd, k_ok, d_ok, VARLEN, EVEN_D)
     return kk, vv, k_ok
 
 
@@ -100,7 +113,8 @@ def _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, idx, slot, withi
 def _unmasked_kv(K, V, DESC_K, DESC_V, base_k, base_v, skn, skd, svn, svd, T_UNITS, idx, b, hk, Nk,
                  slot, within, offs_n, offs_d, d_ok, ks, nk, HEAD_D: tl.constexpr,
                  UNIT: tl.constexpr, G: tl.constexpr, INT64: tl.constexpr, VARLEN: tl.constexpr,
-                 EVEN_D: tl.constexpr, TMA: tl.constexpr):
+                 EVEN_D: tl.constexpr, TMA: tl.constexpr, PT=None, s_page=0,
+                 PAGE: tl.constexpr = 0):
     """The forward's unmasked step: whole K/V tiles by TMA where the host made descriptors (one
     unit per step, in bounds, never VARLEN), else gathered unit by unit (_full_kv)."""
     if TMA:
@@ -111,23 +125,25 @@ def _unmasked_kv(K, V, DESC_K, DESC_V, base_k, base_v, skn, skd, svn, svd, T_UNI
         k_ok = offs_n < UNIT * G  # all true: TMA steps are whole and in bounds
     else:
         kk, vv, k_ok = _full_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, idx, slot, within,
-                                offs_n, offs_d, d_ok, ks, nk, UNIT, G, INT64, VARLEN, EVEN_D)
+                                offs_n, offs_d, d_ok, ks, nk, UNIT, G, INT64, VARLEN, EVEN_D, PT,
+                                s_page, PAGE)
     return kk, vv, k_ok
 
 
 @triton.jit
 def _masked_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS, idx, slot, within, offs_n,
-               offs_d, d_ok, ks, nk, UNIT: tl.constexpr, G: tl.constexpr, INT64: tl.constexpr):
+               offs_d, d_ok, ks, nk, UNIT: tl.constexpr, G: tl.constexpr, INT64: tl.constexpr,
+               PT=None, s_page=0, PAGE: tl.constexpr = 0):
     """One masked step's K/V units listed at T_UNITS[idx], their positions, which keys exist,
     and the sub-block bits of each key's unit."""
     kpos, u_ok = _unit_rows(T_UNITS, idx, slot, within, offs_n, UNIT, G)
     bits = tl.load(T_BITS + idx + slot)
     krow = kpos - ks
     k_ok = u_ok & (krow >= 0) & (krow < nk)
-    kk = tl.load(K + base_k + _row_offsets(krow, skn, INT64)[:, None] + offs_d[None, :] * skd,
-                 mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    vv = tl.load(V + base_v + _row_offsets(krow, svn, INT64)[:, None] + offs_d[None, :] * svd,
-                 mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    kk = tl.load(K + base_k + _kv_offsets(krow, skn, k_ok, PT, s_page, PAGE, INT64)[:, None]
+                 + offs_d[None, :] * skd, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    vv = tl.load(V + base_v + _kv_offsets(krow, svn, k_ok, PT, s_page, PAGE, INT64)[:, None]
+                 + offs_d[None, :] * svd, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     return kk, vv, kpos, k_ok, bits
 
 
@@ -144,12 +160,12 @@ def _apply_mask(s, bits, sub_r, k_ok, kpos, pos_m, CAUSAL: tl.constexpr):
 def _masked_scores(q, K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS, idx, slot, within,
                    offs_n, offs_d, d_ok, sub_r, pos_m, ks, nk, sm_scale_log2, UNIT: tl.constexpr,
                    G: tl.constexpr, CAUSAL: tl.constexpr, INT64: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   DOT_PREC: tl.constexpr, PT=None, s_page=0, PAGE: tl.constexpr = 0):
     """One masked step (forward and dq): the K/V units listed at T_UNITS[idx] and the scaled
     scores q @ k^T (base-2), -inf where the sub-block bits, causality or the bounds exclude a key."""
     kk, vv, kpos, k_ok, bits = _masked_kv(K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS,
                                           idx, slot, within, offs_n, offs_d, d_ok, ks, nk, UNIT, G,
-                                          INT64)
+                                          INT64, PT, s_page, PAGE)
     s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * sm_scale_log2
     return _apply_mask(s, bits, sub_r, k_ok, kpos, pos_m, CAUSAL), kk, vv
 
@@ -209,7 +225,8 @@ def _store_rows(O, LSE, base_o, base_l, rows, row_ok, offs_d, d_ok, m_i, l_i, ac
 def _masked_steps(q, m_i, l_i, acc, K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS, toff,
                   nfull, ntot, slot, within, offs_n, offs_d, d_ok, sub_r, pos_m, ks, nk,
                   sm_scale_log2, UNIT: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
-                  INT64: tl.constexpr, DOT_PREC: tl.constexpr, FUSED: tl.constexpr):
+                  INT64: tl.constexpr, DOT_PREC: tl.constexpr, FUSED: tl.constexpr, PT=None,
+                  s_page=0, PAGE: tl.constexpr = 0):
     """Online-softmax steps over the entries nfull..ntot, which need the sub-block bits,
     causality and bounds."""
     # not software-pipelined: with num_stages > 1 Triton 3.6 gives wrong results here on an
@@ -217,7 +234,8 @@ def _masked_steps(q, m_i, l_i, acc, K, V, base_k, base_v, skn, skd, svn, svd, T_
     for e in tl.range(nfull, ntot, G, num_stages=1):
         s, kk, vv = _masked_scores(q, K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS,
                                    toff + e, slot, within, offs_n, offs_d, d_ok, sub_r, pos_m, ks,
-                                   nk, sm_scale_log2, UNIT, G, CAUSAL, INT64, DOT_PREC)
+                                   nk, sm_scale_log2, UNIT, G, CAUSAL, INT64, DOT_PREC, PT,
+                                   s_page, PAGE)
         if FUSED:
             m_i, l_i, acc = _masked_softmax_pv(s, vv, m_i, l_i, acc, DOT_PREC)
         else:
@@ -309,13 +327,13 @@ def s2_fwd_kernel(
     CU_Q, CU_K, ORDER, DESC_K, DESC_V,
     Nq, Nk, q_start, k_start,
     H, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, m_first, n_prog_tiles,
-    sm_scale_log2, n_splits, sos, sls,
+    sm_scale_log2, n_splits, sos, sls, PAGE_T, spt, s_page,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     INT64: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
     FUSED: tl.constexpr, POS_SCALE: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr,
     HALVES: tl.constexpr = False, PACK: tl.constexpr = 1, CACHE: tl.constexpr = False,
-    TAB_DIV: tl.constexpr = 1,
+    TAB_DIV: tl.constexpr = 1, PAGE: tl.constexpr = 0,
 ):
     # PACK > 1 (decode tiles): one program takes PACK query heads of one KV head, BLOCK_M // PACK
     # query positions each, so the K/V of a GQA group is read once; H counts head packs.
@@ -323,7 +341,9 @@ def s2_fwd_kernel(
     # count, read here, so one launch (one CUDA graph) serves every length; the queries are the
     # last Nq positions; program pid_m takes the pid_m-th tile from the one holding the first
     # query (m_first: Nq // TQ + 1, so that floor division sees no negative number); the table's
-    # tiles are TAB_DIV of ours.
+    # tiles are TAB_DIV of ours. PAGE > 0 (with CACHE): K/V are pages of PAGE slots, [pages,
+    # PAGE, Hkv, D] with s_page elements a page; row b of PAGE_T (spt apart) lists the pages of
+    # sequence b, and the batch strides are 0.
     pid_m, b, h = _program_ids(ORDER, n_prog_tiles, H, ORDERED)
     h = h * PACK
     hk = h // KV_GROUP
@@ -359,6 +379,10 @@ def s2_fwd_kernel(
     base_l += h.to(tl.int64) * slh
     base_k += hk.to(tl.int64) * skh
     base_v += hk.to(tl.int64) * svh
+    if PAGE > 0:
+        pt = PAGE_T + b.to(tl.int64) * spt
+    else:
+        pt = PAGE_T
 
     if CACHE:
         m = (qs + m_first * TQ) // TQ - m_first + pid_m
@@ -432,7 +456,7 @@ def s2_fwd_kernel(
             kk, vv, k_ok = _unmasked_kv(K, V, DESC_K, DESC_V, base_k, base_v, skn, skd, svn, svd,
                                         T_UNITS, toff + e, b, hk, Nk, slot, within, offs_n, offs_d,
                                         d_ok, ks, nk, HEAD_D, UNIT, G, INT64, VARLEN,
-                                        BLOCK_D == HEAD_D, TMA)
+                                        BLOCK_D == HEAD_D, TMA, pt, s_page, PAGE)
             if FUSED:  # the scale folded into one multiply-add per score; P @ V accumulates in place
                 qk = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC)
                 m_i, l_i, acc = _softmax_pv(qk, vv, m_i, l_i, acc, k_ok, sm_scale_log2, POS_SCALE,
@@ -456,7 +480,7 @@ def s2_fwd_kernel(
         m_i, l_i, acc = _masked_steps(
             q, m_i, l_i, acc, K, V, base_k, base_v, skn, skd, svn, svd, T_UNITS, T_BITS, toff,
             g_lo, g_hi, slot, within, offs_n, offs_d, d_ok, sub_r, pos_m, ks, nk, sm_scale_log2,
-            UNIT, G, CAUSAL, INT64, DOT_PREC, FUSED)
+            UNIT, G, CAUSAL, INT64, DOT_PREC, FUSED, pt, s_page, PAGE)
 
     _store_rows(O, LSE, base_o, base_l, rows, row_ok, offs_d, d_ok, m_i, l_i, acc, son, sod, sln,
                 head_o, head_l, INT64)

@@ -247,20 +247,23 @@ def _tables(layout, transpose, tile, unit_cap, group_axis, q_range, k_range, cau
 
 
 def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, cu_k=None,
-            max_q=0, max_k=0, cache_lens=None):
+            max_q=0, max_k=0, cache_lens=None, block_table=None):
     """Run the forward kernel. Returns (out, lse); out has q's shape (contiguous), lse fp32.
     ``cache_lens`` (int32 [B] on the device, causal only): k/v are caches of ``Nk`` slots a
     sequence holding ``cache_lens[b]`` keys, the queries being the last ``Nq`` of them; the
-    tables cover the whole cache, so no launch argument depends on the lengths."""
+    tables cover the whole cache, so no launch argument depends on the lengths. With
+    ``block_table`` (int32 [B, pages a sequence]) k/v are paged: ``[pages, page size, Hkv, D]``
+    with equal strides, sequence b's slot s in page ``block_table[b, s // page size]``."""
     varlen = cu_q is not None
     cache = cache_lens is not None
+    page = k.shape[1] if block_table is not None else 0
     d = q.shape[-1]
     hq, hkv = q.shape[-2], k.shape[-2]
     bm, bn, warps, stages = fwd_config(layout.block_size, d, q.dtype,
                                        max_q if varlen else q.shape[1])
     tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
     if cache:
-        q_range = k_range = (0, k.shape[1])
+        q_range = k_range = (0, block_table.shape[1] * page if page else k.shape[1])
     else:
         q_range, k_range = _geometry(q, k, q_start, k_start, varlen, max_q, max_k)
     out = _empty(q.shape, q.dtype, q.device)
@@ -303,7 +306,10 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     order = None if bm == 16 or cache else \
         _program_order(tab, hq, 1, tab_group, m_first, n_m, "fwd")
     bd = _block_d(d)
-    descs = _tma_descriptors(k, v, bn, bd, d, tab.unit, varlen)
+    descs = None if page else _tma_descriptors(k, v, bn, bd, d, tab.unit, varlen)
+    k_strides, v_strides = _strides4(k, varlen), _strides4(v, varlen)
+    if page:   # pages are shared by the batch: no batch stride; page stride apart
+        k_strides, v_strides = (0,) + k_strides[1:], (0,) + v_strides[1:]
     fused = _fwd_variant("fused") and sm_scale != 0
     grid = _grid(order, n_m, hq // pack, batch)
     halves = _fwd_halves(bm, fused, varlen or cache, splits)
@@ -320,17 +326,20 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         kernel = s2_fwd_kernel_varying if bm == 16 else s2_fwd_kernel
         kernel[grid](
             q, k, v, o_dst, l_dst, tab.units, tab.bits, tab.nfull, tab.ntot,
-            *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *so,
+            *_strides4(q, varlen), *k_strides, *v_strides, *so,
             *sl, cu_q, cu_k, order if order is not None else tab.ntot,
-            *(descs if descs is not None else (k, v)), nq, nk, qs, ks,
+            *(descs if descs is not None else (k, v)), nq,
+            q_range[1] if cache else nk, qs, ks,
             hq // pack, hq // hkv, tab_group, tab.t0, tab.num_tiles, tab.units.shape[-1], m_first,
             n_m,
             sm_scale * 1.4426950408889634, splits, *split_strides,
+            block_table if page else tab.ntot, block_table.stride(0) if page else 0,
+            k.stride(0) if page else 0,
             HEAD_D=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, UNIT=tab.unit, SUB=tab.sub,
             CAUSAL=causal, VARLEN=varlen, INT64=_needs_int64(q, k, v),
             DOT_PREC=_dot_precision(q.dtype), ORDERED=order is not None,
             FUSED=fused, POS_SCALE=sm_scale > 0, TMA=descs is not None, SPLIT=splits > 1,
-            HALVES=halves, PACK=pack, CACHE=cache, TAB_DIV=tab_div, num_warps=warps,
+            HALVES=halves, PACK=pack, CACHE=cache, TAB_DIV=tab_div, PAGE=page, num_warps=warps,
             num_stages=stages)
         if splits > 1:
             s2_merge_splits_kernel[(l_dst.shape[1],)](
