@@ -56,6 +56,8 @@ def _check_lengths(cache_seqlens, lens, capacity, block_table, num_pages, page):
     use within the cache: checked on the host for CPU tensors; on a GPU without a host sync (a
     failure stops the device with the message), and not at all while a CUDA graph is being
     captured (the kernel clamps the lengths to the capacity)."""
+    if lens.device.type == "cuda" and is_capturing(lens.device):
+        return
     msg = f"cache_seqlens must be >= 0 and the cache lengths (with the appended keys) <= {capacity}"
     ok = (cache_seqlens >= 0) & (lens <= capacity)
     pages_ok = None
@@ -65,10 +67,9 @@ def _check_lengths(cache_seqlens, lens, capacity, block_table, num_pages, page):
         pages_ok = (~used | ((block_table >= 0) & (block_table < num_pages))).all(1)
         page_msg = f"block_table entries of the pages in use must lie in 0..{num_pages - 1}"
     if lens.device.type == "cuda":
-        if not is_capturing(lens.device):
-            torch._assert_async(ok.all(), msg)
-            if pages_ok is not None:
-                torch._assert_async(pages_ok.all(), page_msg)
+        torch._assert_async(ok.all(), msg)
+        if pages_ok is not None:
+            torch._assert_async(pages_ok.all(), page_msg)
         return
     if not ok.all():
         i = int((~ok).nonzero()[0])
