@@ -7,8 +7,10 @@ A step is ``starshard.sparse_attention_kvcache``: one new query a sequence, its 
 a ``[B, N, Hkv, D]`` bf16 cache at the sequence's length, attention over the cache, then the
 lengths (a device tensor) grow by one. "graph": that step captured once in a CUDA graph and
 replayed ``--steps`` times, ending at length N (ms a replay, median of 5 runs); "eager": the same
-steps called directly (host time included); "paged16": the same cache as shuffled pages of 16
-slots with a block table (``--pages``). Baselines over the same lengths: the library's
+steps called directly (host time included). ``--kinds``: the cache contiguous, as shuffled pages
+of 16 slots with a block table ("paged16"), or head-sharded (``ss.KVCache``: per KV head only
+the blocks it reads again; its bytes against a full cache are recorded; the timed steps rewind
+into pages that already hold later blocks, which changes values, not work). Baselines over the same lengths: the library's
 ``sparse_attention`` on cache slices, captured per length as ``bench_decode_step.py`` does
 ("slices graph", the whole loop in one graph of ``--steps`` differently shaped calls), and
 SDPA (flash) over all keys likewise ("sdpa graph"). The last step's output is checked against
@@ -41,21 +43,35 @@ def _timed(fn, steps, device, reset, runs=5):
     return sorted(times)[len(times) // 2]
 
 
-def run_case(name, n, batch, steps, h, hkv, d, device, dtype, page=None):
+def _storage(kind, lay, kc, vc, g):
+    """(k, v, block_table, label, extra record fields) holding the cache ``kc``/``vc`` as
+    ``kind``: "contiguous", "paged<P>" (shuffled pages of P slots) or "head-sharded"."""
+    batch, n, hkv, d = kc.shape
+    if kind == "contiguous":
+        return kc, vc, None, "kvcache", {}
+    if kind == "head-sharded":   # ss.KVCache: per KV head only the blocks it reads again
+        cache = ss.KVCache(lay, batch=batch, capacity=n, num_heads=lay.num_heads,
+                           num_kv_heads=hkv, head_dim=d, dtype=kc.dtype, device=kc.device)
+        cache.fill(kc, vc)
+        return (cache.k, cache.v, cache.block_table, "kvcache head-sharded",
+                dict(cache_bytes=cache.nbytes(), dense_bytes=cache.dense_nbytes()))
+    page = int(kind[len("paged"):])
+    per = -(-n // page)
+    table = torch.randperm(batch * per, device=kc.device, generator=g).view(batch, per).int()
+    kp, vp = (torch.empty(batch * per, page, hkv, d, device=kc.device, dtype=kc.dtype)
+              for _ in range(2))
+    for c, p in ((kc, kp), (vc, vp)):
+        full = torch.nn.functional.pad(c, (0, 0, 0, 0, 0, per * page - n))
+        p[table.long()] = full.view(batch, per, page, hkv, d)
+    return kp, vp, table, f"kvcache {kind}", {}
+
+
+def run_case(name, n, batch, steps, h, hkv, d, device, dtype, kind="contiguous"):
     lay = ss.local_stride(h, **LAYOUTS[name], num_kv_heads=hkv)
     g = torch.Generator(device=device).manual_seed(n + batch)
     kc, vc = (torch.randn(batch, n, hkv, d, device=device, dtype=dtype, generator=g)
               for _ in range(2))
-    table, kp, vp, tag = None, kc, vc, "kvcache"
-    if page:   # the same cache as shuffled pages
-        per = -(-n // page)
-        table = torch.randperm(batch * per, device=device, generator=g).view(batch, per).int()
-        kp, vp = (torch.empty(batch * per, page, hkv, d, device=device, dtype=dtype)
-                  for _ in range(2))
-        for c, p in ((kc, kp), (vc, vp)):
-            full = torch.nn.functional.pad(c, (0, 0, 0, 0, 0, per * page - n))
-            p[table.long()] = full.view(batch, per, page, hkv, d)
-        tag = f"kvcache paged{page}"
+    kp, vp, table, tag, extra = _storage(kind, lay, kc, vc, g)
     q = torch.randn(batch, 1, h, d, device=device, dtype=dtype, generator=g)
     kn, vn = (torch.randn(batch, 1, hkv, d, device=device, dtype=dtype, generator=g)
               for _ in range(2))
@@ -93,13 +109,13 @@ def run_case(name, n, batch, steps, h, hkv, d, device, dtype, page=None):
         for _ in range(steps):
             graph.replay()
         _sync(device)
-    if page:   # the appended keys went into the pages
-        kc, vc = (p[table.long()].flatten(1, 2)[:, :n] for p in (kp, vp))
+    if kind != "contiguous":   # the steps appended kn/vn at slots first .. n - 1
+        kc[:, first:], vc[:, first:] = kn, vn
     ref = ss.sparse_attention(q.float(), kc.float(), vc.float(), lay, backend="torch")
     err = (out.float() - ref).abs().max().item()
     for r in rows:
-        r["max_abs_err_last_step"] = err
-    if device.type == "cuda" and not page:
+        r.update(max_abs_err_last_step=err, **extra)
+    if device.type == "cuda" and kind == "contiguous":
         sl = lambda m: ss.sparse_attention(q, kc[:, :m], vc[:, :m], lay)  # noqa: E731
         ms, _ = _graph_loop(sl, first, steps, device)
         rows.append(dict(layout=name, n=n, batch=batch, variant="slices graph", ms_per_step=ms))
@@ -123,7 +139,8 @@ def main():
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--pages", default="16", help="page sizes to time a paged cache with ('' none)")
+    p.add_argument("--kinds", default="contiguous,paged16,head-sharded",
+                   help="cache storage: contiguous, paged<P> (pages of P slots), head-sharded")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -133,9 +150,9 @@ def main():
     for name in a.layouts.split(","):
         for n in _common.parse_sizes(a.n):
             for b in (int(x) for x in a.batch.split(",")):
-                for page in [None] + [int(x) for x in a.pages.split(",") if x]:
+                for kind in a.kinds.split(","):
                     rows += run_case(name, n, b, a.steps, a.heads, a.kv_heads, a.head_dim,
-                                     device, dtype, page)
+                                     device, dtype, kind)
     res = dict(env=_common.env_info(), heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
                dtype=str(dtype), steps=a.steps, rows=rows)
     _common.write_json(a.out or os.path.join(_common.RESULTS, "bench_decode_kvcache.json"), res)

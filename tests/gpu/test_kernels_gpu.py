@@ -405,3 +405,46 @@ def test_kvcache_decode_loop_is_one_cuda_graph(name, kw, page):
                                       dtype=torch.bfloat16)
         _bound(out[j:j + 1], ref, same, 2e-3)
         assert (lse[j:j + 1] - ref_lse).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("head_sharded", [True, False])
+def test_kvcache_class_decodes_in_one_graph(head_sharded):
+    """ss.KVCache over 30k tokens (bf16, GQA 32/8, local 16 stride 16, batch 2): the prompt's
+    K/V loaded with fill, one decode step (append, attend, advance) captured, replayed for 15
+    steps with new tokens; every step within the bound of the reference over the whole K/V. The
+    head-sharded cache keeps about a fourteenth of the bytes."""
+    torch.manual_seed(13)
+    hq, hkv, d, b, n, steps = 32, 8, 128, 2, 30000, 16
+    layout = ss.local_stride(hq, 64, 16, 16, num_kv_heads=hkv)
+    cache = ss.KVCache(layout, batch=b, capacity=n + steps, num_heads=hq, num_kv_heads=hkv,
+                       head_dim=d, head_sharded=head_sharded, dtype=torch.bfloat16, device="cuda")
+    if head_sharded:
+        assert cache.nbytes() < cache.dense_nbytes() / 8
+    k_all, v_all = (torch.randn(b, n + steps, hkv, d, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2))
+    q_all = torch.randn(b, steps, hq, d, device="cuda", dtype=torch.bfloat16)
+    cache.fill(k_all[:, :n], v_all[:, :n])
+    q, kn, vn = q_all[:, :1].clone(), k_all[:, n:n + 1].clone(), v_all[:, n:n + 1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        first = cache.attend(q, kn, vn)   # step 0, eagerly: builds the table
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cache.attend(q, kn, vn)
+    outs = [first.clone()]
+    for i in range(1, steps):
+        q.copy_(q_all[:, i:i + 1])
+        kn.copy_(k_all[:, n + i:n + i + 1])
+        vn.copy_(v_all[:, n + i:n + i + 1])
+        graph.replay()
+        outs.append(out.clone())
+    torch.cuda.synchronize()
+    assert cache.seqlens.tolist() == [n + steps] * b
+    for i in (0, 7, steps - 1):
+        m = n + i + 1
+        qi = q_all[:, i:i + 1]
+        ref, _ = reference_attention(qi, k_all[:, :m], v_all[:, :m], layout, dtype=torch.float32)
+        same, _ = reference_attention(qi, k_all[:, :m], v_all[:, :m], layout, dtype=torch.bfloat16)
+        _bound(outs[i], ref, same, 2e-3)

@@ -50,28 +50,33 @@ def _reference(q, k_cache, v_cache, layout, lens, dtype=torch.float64):
     return torch.cat(outs), torch.cat(lses)
 
 
-def _paged(k_cache, v_cache, page, seed):
+def _paged(k_cache, v_cache, page, seed, per_head=False):
     """The same caches as pages of ``page`` slots in a shuffled pool with spare pages (NaN):
-    (k_pages, v_pages, block_table int32 [B, pages a sequence])."""
+    (k_pages, v_pages, block_table int32 [B, pages a sequence]); ``per_head``: pages of one KV
+    head each, [pool, page, 1, D], block table [B, Hkv, pages a sequence]."""
     b, cap, h, d = k_cache.shape
     per = -(-cap // page)
-    pool = b * per + 3
+    heads = h if per_head else 1
+    pool = b * heads * per + 3
     g = torch.Generator().manual_seed(seed)
-    table = torch.randperm(pool, generator=g)[:b * per].view(b, per)
-    kp = torch.full((pool, page, h, d), float("nan"), dtype=k_cache.dtype, device=DEV)
+    table = torch.randperm(pool, generator=g)[:b * heads * per].view(b, heads, per)
+    kp = torch.full((pool, page, h // heads, d), float("nan"), dtype=k_cache.dtype, device=DEV)
     vp = kp.clone()
     pad = per * page - cap
-    for i in range(b):
-        kp[table[i]] = torch.nn.functional.pad(k_cache[i], (0, 0, 0, 0, 0, pad),
-                                               value=float("nan")).view(per, page, h, d)
-        vp[table[i]] = torch.nn.functional.pad(v_cache[i], (0, 0, 0, 0, 0, pad),
-                                               value=float("nan")).view(per, page, h, d)
+    for src, dst in ((k_cache, kp), (v_cache, vp)):
+        full = torch.nn.functional.pad(src, (0, 0, 0, 0, 0, pad), value=float("nan"))
+        full = full.view(b, per, page, heads, h // heads, d).permute(0, 3, 1, 2, 4, 5)
+        dst[table.view(-1)] = full.reshape(-1, page, h // heads, d)
+    table = table if per_head else table[:, 0]
     return kp, vp, table.to(DEV, torch.int32)
 
 
 def _unpage(kp, table, cap):
     """[B, cap, Hkv, D] back from the pages."""
-    return kp[table.long()].flatten(1, 2)[:, :cap]
+    if table.dim() == 2:
+        return kp[table.long()].flatten(1, 2)[:, :cap]
+    x = kp[table.long()]                     # [B, Hkv, P, page, 1, D]
+    return x.flatten(2, 3)[:, :, :cap, 0].transpose(1, 2)
 
 
 def _close(out, lse, ref, ref_lse, atol):
@@ -96,12 +101,12 @@ def _ids(c):
     return f"{c[0]}-bs{c[1]}-h{c[2]}x{c[3]}-q{c[5]}-{str(c[8])[6:]}{'-cfg' if c[9] else ''}"
 
 
-@pytest.mark.parametrize("page", [None, 16, 24])
+@pytest.mark.parametrize("page", [None, 16, 24, "16 per head"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
 def test_kvcache_matches_the_reference(case, backend, page):
-    """Ragged lengths in one cache, contiguous or paged (pages of 16 or 24 slots, shuffled),
-    with and without appending the new keys; the slots past each length and the spare pages
+    """Ragged lengths in one cache, contiguous or paged (pages of 16 or 24 slots, shuffled; or
+    pages of one KV head each), with and without appending the new keys; the slots past each length and the spare pages
     hold NaN, which any read would spread."""
     kind, bs, hq, hkv, d, nq, lens, cap, dtype, cfg = case
     layout = _layout(kind, hq, hkv, bs)
@@ -119,7 +124,8 @@ def test_kvcache_matches_the_reference(case, backend, page):
     def call(q, kc, vc, seqlens, **kw):
         table = None
         if page:
-            kc, vc, table = _paged(kc, vc, page, seed=len(lens))
+            kc, vc, table = _paged(kc, vc, int(str(page).split()[0]), seed=len(lens),
+                                   per_head=isinstance(page, str))
         with triton_launch.kernel_config(poison=True, **cfg):
             res = ss.sparse_attention_kvcache(q, kc, vc, layout, seqlens, block_table=table,
                                               return_lse=True, backend=backend, **kw)

@@ -19,8 +19,8 @@ __all__ = ["sparse_attention_kvcache"]
 def _check_cache_args(q, k_cache, v_cache, layout, cache_seqlens, k, v, block_table):
     _check_qkv(q, k_cache, v_cache, layout, 4, same_batch=block_table is None)
     b, nq = q.shape[0], q.shape[1]
-    for name, t, dtypes, shape in (("cache_seqlens", cache_seqlens, (torch.int32, torch.int64), 1),
-                                   ("block_table", block_table, (torch.int32,), 2)):
+    for name, t, dtypes, dims in (("cache_seqlens", cache_seqlens, (torch.int32, torch.int64), (1,)),
+                                  ("block_table", block_table, (torch.int32,), (2, 3))):
         if t is None and name == "block_table":
             continue
         if not isinstance(t, torch.Tensor):
@@ -28,18 +28,29 @@ def _check_cache_args(q, k_cache, v_cache, layout, cache_seqlens, k, v, block_ta
         if t.dtype not in dtypes:
             want = " or ".join(str(x)[6:] for x in dtypes)
             raise TypeError(f"{name} must be {want}, got {t.dtype}")
-        if t.dim() != shape or t.shape[0] != b:
-            dims = "[B]" if shape == 1 else "[B, pages a sequence]"
-            raise ValueError(f"{name} must have shape {dims} with B = {b}, got {tuple(t.shape)}")
+        if t.dim() not in dims or t.shape[0] != b:
+            want = "[B]" if dims == (1,) else "[B, pages a sequence] or [B, Hkv, pages a sequence]"
+            raise ValueError(f"{name} must have shape {want} with B = {b}, got {tuple(t.shape)}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on {q.device}, got {t.device}")
-    if block_table is not None and k_cache.stride() != v_cache.stride():
-        raise ValueError(f"paged k_cache and v_cache must have the same strides, got "
-                         f"{k_cache.stride()} and {v_cache.stride()}")
+    hkv = k_cache.shape[2]
+    if block_table is not None:
+        if k_cache.stride() != v_cache.stride():
+            raise ValueError(f"paged k_cache and v_cache must have the same strides, got "
+                             f"{k_cache.stride()} and {v_cache.stride()}")
+        if block_table.dim() == 3:   # pages of one KV head each
+            hkv = block_table.shape[1]
+            if k_cache.shape[2] != 1:
+                raise ValueError(f"with a block table per KV head [B, Hkv, pages] the cache holds "
+                                 f"one head a page: [pages, page size, 1, D], got "
+                                 f"{tuple(k_cache.shape)}")
+            if hkv == 0 or q.shape[2] % hkv:
+                raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of the block "
+                                 f"table's KV heads ({hkv})")
     if (k is None) != (v is None):
         raise ValueError("pass both k and v (the new keys/values to append) or neither")
     if k is not None:
-        want = (b, nq) + tuple(k_cache.shape[2:])
+        want = (b, nq, hkv, k_cache.shape[3])
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -62,8 +73,12 @@ def _check_lengths(cache_seqlens, lens, capacity, block_table, num_pages, page):
     ok = (cache_seqlens >= 0) & (lens <= capacity)
     pages_ok = None
     if block_table is not None:
-        used = torch.arange(block_table.shape[1], device=lens.device) < \
+        used = torch.arange(block_table.shape[-1], device=lens.device) < \
             ((lens.clamp(min=0) + page - 1) // page).unsqueeze(1)
+        if block_table.dim() == 3:
+            used = used.unsqueeze(1)
+            block_table = block_table.flatten(1)
+            used = used.expand(-1, block_table.shape[1] // used.shape[-1], -1).flatten(1)
         pages_ok = (~used | ((block_table >= 0) & (block_table < num_pages))).all(1)
         page_msg = f"block_table entries of the pages in use must lie in 0..{num_pages - 1}"
     if lens.device.type == "cuda":
@@ -80,22 +95,33 @@ def _check_lengths(cache_seqlens, lens, capacity, block_table, num_pages, page):
         raise ValueError(f"{page_msg}; sequence {i} uses {block_table[i].tolist()}")
 
 
-def _slots(cache_seqlens, nq, block_table, page):
-    """(cache row, slot) of the Nq new keys of each sequence: [B, Nq] each."""
-    b = cache_seqlens.shape[0]
+def _append(k_cache, v_cache, cache_seqlens, k, v, block_table, page):
+    """Write the Nq new keys/values of each sequence at its slots cache_seqlens[b] ..."""
+    b, nq = k.shape[0], k.shape[1]
     pos = cache_seqlens.long().unsqueeze(1) + torch.arange(nq, device=cache_seqlens.device)
     if block_table is None:
-        return torch.arange(b, device=pos.device).unsqueeze(1).expand(b, nq), pos
-    return block_table.long().gather(1, pos // page), pos % page
+        idx = (torch.arange(b, device=pos.device).unsqueeze(1).expand(b, nq), pos)
+    elif block_table.dim() == 2:
+        idx = (block_table.long().gather(1, pos // page), pos % page)
+    else:   # [B, Hkv, P]: head h of token t goes to its own page
+        hkv = block_table.shape[1]
+        pages = block_table.long().gather(2, (pos // page).unsqueeze(1).expand(b, hkv, nq))
+        idx = (pages.transpose(1, 2), (pos % page).unsqueeze(2), 0)
+    k_cache[idx] = k
+    v_cache[idx] = v
 
 
 def _sequence_kv(k_cache, v_cache, i, n, block_table, page):
     """K/V of sequence i's first n keys: [1, n, Hkv, D] each."""
     if block_table is None:
         return k_cache[i:i + 1, :n], v_cache[i:i + 1, :n]
-    pages = block_table[i, :-(-n // page)].long()
+    pages = block_table[i, ..., :-(-n // page)].long()
     h, d = k_cache.shape[2:]
-    return (c[pages].reshape(1, -1, h, d)[:, :n] for c in (k_cache, v_cache))
+    if block_table.dim() == 2:
+        return (c[pages].reshape(1, -1, h, d)[:, :n] for c in (k_cache, v_cache))
+    hkv = pages.shape[0]   # [Hkv, P] pages of one head each
+    return (c[pages].reshape(hkv, -1, d)[:, :n].transpose(0, 1).unsqueeze(0)
+            for c in (k_cache, v_cache))
 
 
 def _blockwise_cache(q, k_cache, v_cache, layout, lens, sm_scale, block_table, page):
@@ -119,7 +145,9 @@ def sparse_attention_kvcache(q, k_cache, v_cache, layout, cache_seqlens, *, k=No
 
     q ``[B, Nq, Hq, D]``; k_cache/v_cache ``[B, capacity, Hkv, D]``, or with ``block_table``
     (int32 ``[B, pages a sequence]``) a paged cache ``[pages, page size, Hkv, D]`` whose slot s
-    of sequence b is row ``s % page size`` of page ``block_table[b, s // page size]``;
+    of sequence b is row ``s % page size`` of page ``block_table[b, s // page size]``, or with
+    a block table per KV head (``[B, Hkv, pages a sequence]``) pages of one head each,
+    ``[pages, page size, 1, D]`` (a head-sharded cache: see ``starshard.kvcache``);
     ``cache_seqlens`` int32 (or int64) ``[B]`` on q's device: keys sequence b already holds.
     With ``k``/``v`` ``[B, Nq, Hkv, D]`` the new keys/values are first written into the cache
     at slots ``cache_seqlens[b] ...`` (in place; ``cache_seqlens`` itself is not changed) and
@@ -141,14 +169,12 @@ def sparse_attention_kvcache(q, k_cache, v_cache, layout, cache_seqlens, *, k=No
     sm_scale = _scale(sm_scale, q.shape[-1])
     nq = q.shape[1]
     page = k_cache.shape[1] if block_table is not None else 0
-    capacity = block_table.shape[1] * page if page else k_cache.shape[1]
+    capacity = block_table.shape[-1] * page if page else k_cache.shape[1]
     layout.check_positions(capacity, capacity)
     lens = cache_seqlens + nq if k is not None else cache_seqlens
     _check_lengths(cache_seqlens, lens, capacity, block_table, k_cache.shape[0], page)
     if k is not None:
-        rows, slots = _slots(cache_seqlens, nq, block_table, page)
-        k_cache[rows, slots] = k
-        v_cache[rows, slots] = v
+        _append(k_cache, v_cache, cache_seqlens, k, v, block_table, page)
     if backend == "torch":
         out, lse = _blockwise_cache(q, k_cache, v_cache, layout, lens.cpu(), sm_scale,
                                     block_table, page)

@@ -327,7 +327,7 @@ def s2_fwd_kernel(
     CU_Q, CU_K, ORDER, DESC_K, DESC_V,
     Nq, Nk, q_start, k_start,
     H, KV_GROUP, TAB_GROUP, t0, n_tab_tiles, tab_len, m_first, n_prog_tiles,
-    sm_scale_log2, n_splits, sos, sls, PAGE_T, spt, s_page,
+    sm_scale_log2, n_splits, sos, sls, PAGE_T, spt, spt_h, s_page,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIT: tl.constexpr, SUB: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     INT64: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
@@ -341,9 +341,10 @@ def s2_fwd_kernel(
     # count, read here, so one launch (one CUDA graph) serves every length; the queries are the
     # last Nq positions; program pid_m takes the pid_m-th tile from the one holding the first
     # query (m_first: Nq // TQ + 1, so that floor division sees no negative number); the table's
-    # tiles are TAB_DIV of ours. PAGE > 0 (with CACHE): K/V are pages of PAGE slots, [pages,
-    # PAGE, Hkv, D] with s_page elements a page; row b of PAGE_T (spt apart) lists the pages of
-    # sequence b, and the batch strides are 0.
+    # tiles are TAB_DIV of ours. PAGE > 0 (with CACHE): K/V are pages of PAGE slots, s_page
+    # elements a page; row b of PAGE_T (spt apart) lists the pages of sequence b, and the batch
+    # strides are 0. With spt_h > 0 each KV head has its own pages (row (b, hk) of PAGE_T) and
+    # the head strides are 0.
     pid_m, b, h = _program_ids(ORDER, n_prog_tiles, H, ORDERED)
     h = h * PACK
     hk = h // KV_GROUP
@@ -380,7 +381,7 @@ def s2_fwd_kernel(
     base_k += hk.to(tl.int64) * skh
     base_v += hk.to(tl.int64) * svh
     if PAGE > 0:
-        pt = PAGE_T + b.to(tl.int64) * spt
+        pt = PAGE_T + b.to(tl.int64) * spt + hk.to(tl.int64) * spt_h
     else:
         pt = PAGE_T
 

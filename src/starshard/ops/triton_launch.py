@@ -253,17 +253,20 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     sequence holding ``cache_lens[b]`` keys, the queries being the last ``Nq`` of them; the
     tables cover the whole cache, so no launch argument depends on the lengths. With
     ``block_table`` (int32 [B, pages a sequence]) k/v are paged: ``[pages, page size, Hkv, D]``
-    with equal strides, sequence b's slot s in page ``block_table[b, s // page size]``."""
+    with equal strides, sequence b's slot s in page ``block_table[b, s // page size]``; with a
+    block table [B, Hkv, pages a sequence] every KV head has its own pages, ``[pages, page
+    size, 1, D]``."""
     varlen = cu_q is not None
     cache = cache_lens is not None
     page = k.shape[1] if block_table is not None else 0
     d = q.shape[-1]
-    hq, hkv = q.shape[-2], k.shape[-2]
+    head_pages = block_table is not None and block_table.dim() == 3
+    hq, hkv = q.shape[-2], block_table.shape[1] if head_pages else k.shape[-2]
     bm, bn, warps, stages = fwd_config(layout.block_size, d, q.dtype,
                                        max_q if varlen else q.shape[1])
     tab_group = hq // layout.num_pattern_heads if layout.num_heads else hq
     if cache:
-        q_range = k_range = (0, block_table.shape[1] * page if page else k.shape[1])
+        q_range = k_range = (0, block_table.shape[-1] * page if page else k.shape[1])
     else:
         q_range, k_range = _geometry(q, k, q_start, k_start, varlen, max_q, max_k)
     out = _empty(q.shape, q.dtype, q.device)
@@ -308,8 +311,10 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     bd = _block_d(d)
     descs = None if page else _tma_descriptors(k, v, bn, bd, d, tab.unit, varlen)
     k_strides, v_strides = _strides4(k, varlen), _strides4(v, varlen)
-    if page:   # pages are shared by the batch: no batch stride; page stride apart
-        k_strides, v_strides = (0,) + k_strides[1:], (0,) + v_strides[1:]
+    if page:   # pages are shared by the batch (no batch stride), and per head by no head
+        hs = (0,) if head_pages else None
+        k_strides = (0, k_strides[1]) + (hs or k_strides[2:3]) + k_strides[3:]
+        v_strides = (0, v_strides[1]) + (hs or v_strides[2:3]) + v_strides[3:]
     fused = _fwd_variant("fused") and sm_scale != 0
     grid = _grid(order, n_m, hq // pack, batch)
     halves = _fwd_halves(bm, fused, varlen or cache, splits)
@@ -334,7 +339,7 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
             n_m,
             sm_scale * 1.4426950408889634, splits, *split_strides,
             block_table if page else tab.ntot, block_table.stride(0) if page else 0,
-            k.stride(0) if page else 0,
+            block_table.stride(1) if head_pages else 0, k.stride(0) if page else 0,
             HEAD_D=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, UNIT=tab.unit, SUB=tab.sub,
             CAUSAL=causal, VARLEN=varlen, INT64=_needs_int64(q, k, v),
             DOT_PREC=_dot_precision(q.dtype), ORDERED=order is not None,
