@@ -215,3 +215,29 @@ def test_kvcache_bad_input():
         call(q.requires_grad_(), kc, vc, layout, ok)
     # nothing was written by the calls that failed their checks
     assert torch.equal(kc, kc.clone()) and not torch.isnan(kc).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_traces_the_cache_op(backend):
+    """The op is a custom op that mutates the caches: a compiled step (append, attend, advance
+    the lengths) gives the eager step's output and leaves the same caches and lengths."""
+    layout = ss.local_stride(4, 16, 1, 2, num_kv_heads=2)
+    k_cache, v_cache = _cache(2, 80, 2, 16, torch.float32, seed=1)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 1, 4, 16, generator=g).to(DEV)
+    kn, vn = (torch.randn(2, 1, 2, 16, generator=g).to(DEV) for _ in range(2))
+
+    def step(q, kc, vc, lens, kn, vn):
+        out = ss.sparse_attention_kvcache(q, kc, vc, layout, lens, k=kn, v=vn, backend=backend)
+        lens += 1
+        return out
+
+    state = [(k_cache.clone(), v_cache.clone(), torch.tensor([5, 70], dtype=torch.int32,
+                                                              device=DEV)) for _ in range(2)]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(q, *state[0], kn, vn)
+    want = step(q, *state[1], kn, vn)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(state[0], state[1]):
+        assert torch.equal(a, b)
+    assert state[0][2].tolist() == [6, 71]

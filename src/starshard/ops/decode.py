@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from ..layouts import is_capturing
-from .sparse_attn import _check_qkv, _resolve_backend, _scale
+from typing import Optional
+
+from torch import Tensor
+
+from ..layouts import is_capturing, layout_from_handle
+from .sparse_attn import _check_qkv, _direct, _resolve_backend, _scale
 
 __all__ = ["sparse_attention_kvcache"]
 
@@ -139,6 +143,38 @@ def _blockwise_cache(q, k_cache, v_cache, layout, lens, sm_scale, block_table, p
     return out, lse
 
 
+def _run_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, layout_id, sm_scale,
+                 backend):
+    layout = layout_from_handle(layout_id)
+    nq = q.shape[1]
+    page = k_cache.shape[1] if block_table is not None else 0
+    capacity = block_table.shape[-1] * page if page else k_cache.shape[1]
+    lens = cache_seqlens + nq if k is not None else cache_seqlens
+    _check_lengths(cache_seqlens, lens, capacity, block_table, k_cache.shape[0], page)
+    if k is not None:
+        _append(k_cache, v_cache, cache_seqlens, k, v, block_table, page)
+    if backend == "torch":
+        return _blockwise_cache(q, k_cache, v_cache, layout, lens.cpu(), sm_scale, block_table,
+                                page)
+    from . import triton_launch
+    return triton_launch.forward(q, k_cache, v_cache, layout, True, sm_scale, 0, 0,
+                                 cache_lens=lens.to(torch.int32), block_table=block_table)
+
+
+@torch.library.custom_op("starshard::sparse_attn_kvcache", mutates_args=("k_cache", "v_cache"))
+def _sparse_attn_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                         k: Optional[Tensor], v: Optional[Tensor], block_table: Optional[Tensor],
+                         layout_id: int, sm_scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    return _run_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, layout_id,
+                        sm_scale, backend)
+
+
+@_sparse_attn_kvcache.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k, v, block_table, layout_id, sm_scale, backend):
+    b, nq, hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, hq, nq), dtype=torch.float32)
+
+
 def sparse_attention_kvcache(q, k_cache, v_cache, layout, cache_seqlens, *, k=None, v=None,
                              block_table=None, sm_scale=None, return_lse=False, backend=None):
     """Causal block-sparse attention of new queries over a KV cache with per-sequence lengths.
@@ -167,19 +203,10 @@ def sparse_attention_kvcache(q, k_cache, v_cache, layout, cache_seqlens, *, k=No
                            "training, or call this under torch.no_grad()")
     backend = _resolve_backend(backend, q.device, q.dtype)
     sm_scale = _scale(sm_scale, q.shape[-1])
-    nq = q.shape[1]
     page = k_cache.shape[1] if block_table is not None else 0
     capacity = block_table.shape[-1] * page if page else k_cache.shape[1]
     layout.check_positions(capacity, capacity)
-    lens = cache_seqlens + nq if k is not None else cache_seqlens
-    _check_lengths(cache_seqlens, lens, capacity, block_table, k_cache.shape[0], page)
-    if k is not None:
-        _append(k_cache, v_cache, cache_seqlens, k, v, block_table, page)
-    if backend == "torch":
-        out, lse = _blockwise_cache(q, k_cache, v_cache, layout, lens.cpu(), sm_scale,
-                                    block_table, page)
-    else:
-        from . import triton_launch
-        out, lse = triton_launch.forward(q, k_cache, v_cache, layout, True, sm_scale, 0, 0,
-                                         cache_lens=lens.to(torch.int32), block_table=block_table)
+    op = _run_kvcache if _direct(q, k_cache, v_cache, cache_seqlens) else _sparse_attn_kvcache
+    out, lse = op(q, k_cache, v_cache, cache_seqlens, k, v, block_table, layout.handle, sm_scale,
+                  backend)
     return (out, lse) if return_lse else out
