@@ -1,17 +1,17 @@
 """Attention over a preallocated KV cache whose lengths live on the device (inference only).
 
 A serving loop keeps K/V in fixed buffers (``[B, capacity, Hkv, D]``, or pages
-``[pages, page size, Hkv, D]`` with a block table) and each sequence's length in a device
+``[pages, page size, Hkv, D]`` with a block table, or pages of one KV head each with a table
+per head: ``starshard.kvcache``) and each sequence's length in a device
 tensor, so that one CUDA graph can replay every decode step: nothing the launch reads on the
 host depends on the lengths (the layout table spans the whole capacity and is built once). The
 new keys/values can be written into the cache by the same call.
 """
 from __future__ import annotations
 
-import torch
-
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ..layouts import is_capturing, layout_from_handle
@@ -78,12 +78,11 @@ def _check_lengths(cache_seqlens, lens, capacity, block_table, num_pages, page):
     pages_ok = None
     if block_table is not None:
         used = torch.arange(block_table.shape[-1], device=lens.device) < \
-            ((lens.clamp(min=0) + page - 1) // page).unsqueeze(1)
+            ((lens.clamp(min=0) + page - 1) // page).unsqueeze(1)            # [B, P]
         if block_table.dim() == 3:
-            used = used.unsqueeze(1)
-            block_table = block_table.flatten(1)
-            used = used.expand(-1, block_table.shape[1] // used.shape[-1], -1).flatten(1)
-        pages_ok = (~used | ((block_table >= 0) & (block_table < num_pages))).all(1)
+            used = used.unsqueeze(1).expand_as(block_table)
+        valid = (block_table >= 0) & (block_table < num_pages)
+        pages_ok = (~used | valid).flatten(1).all(1)
         page_msg = f"block_table entries of the pages in use must lie in 0..{num_pages - 1}"
     if lens.device.type == "cuda":
         torch._assert_async(ok.all(), msg)
