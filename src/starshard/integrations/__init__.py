@@ -1,0 +1,1 @@
+"""Integrations of starshard's attention with model libraries (``hf``: Hugging Face transformers)."""
