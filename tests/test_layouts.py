@@ -249,6 +249,37 @@ def test_head_range_is_a_slice_of_the_full_layout(kw):
     assert sum(p.pairs(99, 123, q_start=31) for p in parts) == full.pairs(99, 123, q_start=31)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(num_kv_heads=4, num_dense_heads=1),
+                                dict(num_kv_heads=2, head_offset=1)])
+def test_for_heads_equals_head_range(kw):
+    """for_heads slices any layout like local_stride's head_range (and a mask layout by rows)."""
+    full = local_stride(8, 16, 2, 8, **kw)
+    group = 8 // kw.get("num_kv_heads", 8)
+    for a, b in itertools.combinations(range(0, 9, group), 2):
+        part = full.for_heads(a, b)
+        same = local_stride(8, 16, 2, 8, head_range=(a, b), **kw)
+        assert (part.num_heads, part.num_pattern_heads) == (same.num_heads, same.num_pattern_heads)
+        assert torch.equal(part.mask(5, 12, 7), same.mask(5, 12, 7))
+        assert part.pairs(150, 170) == same.pairs(150, 170)
+        assert part == full.for_heads(a, b)
+        assert (b - a == 8) or "for_heads" in repr(part)
+    assert full.for_heads(0, 8) is full
+    if group > 1:
+        with pytest.raises(ValueError, match="GQA groups"):
+            full.for_heads(1, 8)
+        # inside one group: those query heads share their KV head's pattern
+        part = full.for_heads(group + 1, 2 * group)
+        assert (part.num_heads, part.num_pattern_heads) == (group - 1, 1)
+        assert torch.equal(part.mask(5, 12, 7), full.mask(5, 12, 7)[group + 1:2 * group])
+    with pytest.raises(ValueError, match="head range"):
+        full.for_heads(3, 9)
+    m = full.mask(6, 6)
+    fm = BlockLayout.from_mask(m, 16)
+    assert torch.equal(fm.for_heads(2, 6).mask(6, 6), m[2:6])
+    shared = BlockLayout.from_mask(m[0], 16)
+    assert shared.for_heads(0, 1) is shared
+
+
 def test_layout_identity_and_hash():
     a = local_stride(8, 16, 2, 8, head_offset=1)
     b = local_stride(8, 16, 2, 8, head_offset=1)

@@ -89,6 +89,38 @@ class BlockLayout:
         return cls(block_size=block_size, num_heads=heads, num_pattern_heads=mask.shape[0],
                    key=("mask", next(_ids)), num_blocks=mask.shape[-1], block_mask=mask)
 
+    def for_heads(self, lo, hi):
+        """The layout of query heads ``lo..hi-1`` alone, renumbered from 0 (a tensor-parallel
+        shard of the heads). Under GQA the range holds whole groups, or lies inside one group
+        (tensor parallelism over more ranks than KV heads, each rank with a copy of its KV
+        head). A layout shared by all heads is returned as is."""
+        if self.num_heads is None:
+            return self
+        _check_int("lo", lo, 0)
+        _check_int("hi", hi, 1)
+        if not lo < hi <= self.num_heads:
+            raise ValueError(f"head range ({lo}, {hi}) must satisfy 0 <= lo < hi <= "
+                             f"{self.num_heads} (the layout's query heads)")
+        group = self.num_heads // self.num_pattern_heads
+        inside = lo // group == (hi - 1) // group
+        if (lo % group or hi % group) and not inside:
+            raise ValueError(f"head range ({lo}, {hi}) must align to GQA groups of {group} "
+                             f"query heads or lie inside one")
+        if (lo, hi) == (0, self.num_heads):
+            return self
+        p_lo = lo // group
+        p_hi = p_lo + 1 if inside else hi // group
+        rule, mask = self._rule, None
+        if rule is not None:
+            def rule(ph, i, j, _parent=self._rule):
+                return _parent(ph + p_lo, i, j)
+        else:
+            mask = self._block_mask[p_lo:p_hi].clone()
+        return BlockLayout(block_size=self.block_size, num_heads=hi - lo,
+                           num_pattern_heads=p_hi - p_lo, key=("heads", self._key, lo, hi),
+                           num_blocks=self.num_blocks, rule=rule, block_mask=mask,
+                           causal_rule=self.causal_rule)
+
     # ---- the pattern ----------------------------------------------------------------------
     def pattern_index(self, heads):
         """Pattern row of each query head (GQA layouts share one row per KV head)."""
@@ -232,6 +264,9 @@ class BlockLayout:
     def __repr__(self):
         if self._key[0] == "local_stride":
             return f"BlockLayout.local_stride{self._key[1:]}"
+        if self._key[0] == "heads":
+            parent = _REGISTRY[_HANDLES[self._key[1]]]
+            return f"{parent!r}.for_heads({self._key[2]}, {self._key[3]})"
         return (f"BlockLayout.from_mask(heads={self.num_pattern_heads}, blocks={self.num_blocks}, "
                 f"block_size={self.block_size})")
 
