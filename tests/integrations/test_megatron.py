@@ -71,6 +71,18 @@ def test_no_mask_is_bidirectional():
     assert (out - _ref(q, k, v, layout, causal=True)).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("sq", [90, 5])
+def test_no_mask_keeps_a_causal_layout_causal(sq):
+    """Megatron's static KV-cache decoding switches to no_mask after the prompt: a layer whose
+    layout is causal still attends causally (a dense layer, like Megatron's, does not)."""
+    q, k, v = _qkv(sq, 90, seed=6)
+    out = _module(SPARSE, mask=AttnMaskType.no_mask)(q, k, v, None)
+    torch.testing.assert_close(out, _ref(q, k, v, SPARSE), atol=2e-5, rtol=0)
+    dense = ss.local_stride(8, 64, 1, 1)
+    out = _module(None, mask=AttnMaskType.no_mask)(q, k, v, None)
+    torch.testing.assert_close(out, _ref(q, k, v, dense, causal=False), atol=2e-5, rtol=0)
+
+
 def test_decoding_queries_are_the_newest_keys():
     """Megatron's static KV-cache inference passes the whole cache as keys and the new tokens as
     queries: they sit at the end of the keys."""

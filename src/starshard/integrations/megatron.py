@@ -13,7 +13,8 @@ from a GPT layer spec::
 
 ``layouts`` are written for the model's global query heads; under tensor parallelism each rank
 keeps its own heads' part (``BlockLayout.for_heads``). Supported: causal and unmasked
-(``no_mask``) attention, packed sequences (``thd``), Megatron's static-batch KV-cache inference
+(``no_mask``: bidirectional, except that a layer with a causal layout stays causal, as
+Megatron's KV-cache decoding asks for no mask after the prompt) attention, packed sequences (``thd``), Megatron's static-batch KV-cache inference
 (the queries are the newest positions of the keys). Refused with a clear error: padding and
 arbitrary masks, attention bias, context parallelism, sliding windows, non-vanilla softmax, and
 attention dropout while training (set ``attention_dropout=0``). With the causal mask type the
@@ -120,7 +121,9 @@ class S2DotProductAttention(torch.nn.Module):
         if name in ("causal", "causal_bottom_right", "padding_causal"):
             return True
         if name == "no_mask":
-            return False
+            # Megatron's KV-cache decoding passes no_mask after the prompt; a causal layout
+            # cannot mean bidirectional attention, so it keeps the layer causal
+            return self.layout is not None and self.layout.causal_rule
         raise ValueError(f"S2DotProductAttention supports causal and no_mask attention, not "
                          f"{name!r} (padding or arbitrary masks); pack sequences (thd) instead "
                          f"of padding them")
