@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("megatron.core", reason="megatron-core is not installed "
@@ -31,7 +30,7 @@ from starshard.ops.reference import reference_attention
 
 class Reference(smeg.S2DotProductAttention):
     def forward(self, query, key, value, attention_mask, **kw):
-        lay = self.layout or smeg._dense(query.shape[2])
+        lay = self.layout or smeg.dense_layout(query.shape[2])
         out, _ = reference_attention(*(t.transpose(0, 1) for t in (query, key, value)), lay)
         return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1).to(query.dtype)
 

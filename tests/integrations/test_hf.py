@@ -15,7 +15,7 @@ REF = "starshard_s2_reference"
 def _reference_attention(module, query, key, value, attention_mask=None, scaling=None,
                          dropout=0.0, **kw):
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    layout = getattr(module, "starshard_layout", None) or hf._dense(q.shape[2])
+    layout = getattr(module, "starshard_layout", None) or hf.dense_layout(q.shape[2])
     out, _ = reference_attention(q, k, v, layout, sm_scale=scaling)
     return out.to(q.dtype), None
 

@@ -10,23 +10,15 @@ dropout is refused.
 """
 from __future__ import annotations
 
-import torch
-
-from ..layouts import BlockLayout, local_stride
+from ..layouts import BlockLayout
 from ..ops.sparse_attn import sparse_attention
+from . import dense_layout
 
 __all__ = ["use_s2_attention", "s2_attention", "IMPLEMENTATION"]
 
 IMPLEMENTATION = "starshard_s2"
-_DENSE = {}
 _registered = False
 
-
-def _dense(heads):
-    """A dense layout (every block allowed), for the layers given none."""
-    if heads not in _DENSE:
-        _DENSE[heads] = local_stride(heads, 64, 1, 1)
-    return _DENSE[heads]
 
 
 def s2_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -42,7 +34,7 @@ def s2_attention(module, query, key, value, attention_mask=None, scaling=None, d
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     layout = getattr(module, "starshard_layout", None)
     if layout is None:
-        layout = _dense(q.shape[2])
+        layout = dense_layout(q.shape[2])
     out = sparse_attention(q, k, v, layout, sm_scale=scaling)
     return out, None
 

@@ -27,19 +27,13 @@ import math
 
 import torch
 
-from ..layouts import BlockLayout, local_stride
+from ..layouts import BlockLayout
 from ..ops.sparse_attn import sparse_attention, sparse_attention_varlen
+from . import dense_layout
 
 __all__ = ["S2DotProductAttention", "s2_layer_spec", "layout_for_layer"]
 
-_DENSE = {}
 
-
-def _dense(heads):
-    """A dense layout (every block allowed), for the layers given none."""
-    if heads not in _DENSE:
-        _DENSE[heads] = local_stride(heads, 64, 1, 1)
-    return _DENSE[heads]
 
 
 def layout_for_layer(layouts, layer_number):
@@ -142,7 +136,7 @@ class S2DotProductAttention(torch.nn.Module):
         if np_ != self.num_heads:
             raise ValueError(f"query has {np_} heads, this rank's share of the layer is "
                              f"{self.num_heads}")
-        layout = self.layout if self.layout is not None else _dense(np_)
+        layout = self.layout if self.layout is not None else dense_layout(np_)
         thd = packed_seq_params is not None and getattr(packed_seq_params, "qkv_format",
                                                         None) == "thd"
         if thd:
