@@ -63,6 +63,51 @@ def test_decoding_with_the_kv_cache_matches_full_recompute():
             torch.testing.assert_close(step_logits, full, atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize("head_sharded", [True, False])
+def test_s2_cache_generates_what_the_transformers_cache_does(head_sharded):
+    """generate with an S2Cache (each layer's K/V in a starshard.KVCache: prompt loaded by fill,
+    then one token a step appended and attended there) gives the tokens and logits of generate
+    with transformers' own cache; head-sharded, the sparse layers keep fewer bytes."""
+    fast, _ = _models(LAYOUTS)
+    ids = torch.randint(0, 97, (2, 300), generator=torch.Generator().manual_seed(3))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    cache = hf.S2Cache(fast, batch=2, capacity=310, head_sharded=head_sharded)
+    with torch.no_grad():
+        base = fast.generate(ids, **kw)
+        got = fast.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(got.sequences, base.sequences)
+    for a, b in zip(got.logits, base.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert cache.get_seq_length() == 309
+    for layer in cache.layers:   # the K/V really went through the KVCaches
+        assert layer.kv.seqlens.tolist() == [309, 309]
+    sharded = [layer.kv.block_table is not None for layer in cache.layers]
+    assert sharded == ([True, False, True] if head_sharded else [False] * 3)
+    if head_sharded:
+        assert cache.nbytes() < 0.85 * cache.dense_nbytes()
+    cache.reset()
+    assert cache.get_seq_length() == 0
+
+
+def test_s2_cache_bad_use():
+    fast, _ = _models(LAYOUTS)
+    with pytest.raises(ValueError, match="use_s2_attention"):
+        hf.S2Cache(tiny_llama(0, layers=2, heads=4, kv_heads=2), batch=1, capacity=64)
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="made for batch 1, the model got 2"):
+            fast(ids, past_key_values=hf.S2Cache(fast, batch=1, capacity=64))
+        with pytest.raises(ValueError, match="holds 32 tokens a sequence; 0 held"):
+            fast(ids, past_key_values=hf.S2Cache(fast, batch=2, capacity=32))
+        cache = hf.S2Cache(fast, batch=2, capacity=64)
+        fast(ids, past_key_values=cache)
+        with pytest.raises(ValueError, match="then at most 1 tokens a step"):
+            fast(ids[:, :3], past_key_values=cache)
+        with pytest.raises(NotImplementedError, match="beam search"):
+            cache.reorder_cache(torch.tensor([1, 0]))
+
+
 def test_bad_use():
     model = tiny_llama(0, layers=2, heads=4, kv_heads=2)
     with pytest.raises(ValueError, match="layouts has 3 entries, the model has 2 layers"):
