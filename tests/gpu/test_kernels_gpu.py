@@ -351,12 +351,13 @@ def test_capture_needs_a_warm_up_and_keeps_its_tables(monkeypatch):
                                                             vert_stride=16)),
                                      ("dense", dict(block_size=64, local_blocks=1, vert_stride=1))])
 @pytest.mark.parametrize("page", [None, 16])
-def test_kvcache_decode_loop_is_one_cuda_graph(name, kw, page):
+def test_kvcache_decode_loop_is_one_cuda_graph(name, kw, page, monkeypatch):
     """One captured step of sparse_attention_kvcache (append the new K/V, attend) replayed for
     every step of a decode loop over a 40k-slot bf16 cache (batch 3, ragged lengths, GQA 32/8;
     contiguous, or pages of 16 slots in a shuffled pool): the lengths change only in a device
     tensor. Each replay equals the eager call on the same cache (bit for bit: same launch), and
-    the last steps are within the bound of the reference."""
+    the last steps are within the bound of the reference. (Captured launches split short rows
+    that eager calls keep whole: the eager call is forced to the captured split.)"""
     torch.manual_seed(11)
     cap, hq, hkv, d, b = 40000, 32, 8, 128, 3
     layout = ss.local_stride(hq, **kw, num_kv_heads=hkv)
@@ -382,18 +383,23 @@ def test_kvcache_decode_loop_is_one_cuda_graph(name, kw, page):
     with torch.cuda.stream(side):
         step()   # warm-up: builds the table (and compiles)
     torch.cuda.current_stream().wait_stream(side)
+    splits = []
+    pick = triton_launch._fwd_splits
+    monkeypatch.setattr(triton_launch, "_fwd_splits", lambda *a: splits.append(pick(*a)) or splits[-1])
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, lse = step()
+    monkeypatch.setattr(triton_launch, "_fwd_splits", pick)
     for i in range(10):
         for t in (q, kn, vn):
             t.copy_(torch.randn_like(t))
         graph.replay()
         torch.cuda.synchronize()
         kc2, vc2 = kc.clone(), vc.clone()   # the replay appended; eager appends the same again
-        eager_out, eager_lse = ss.sparse_attention_kvcache(q, kc2, vc2, layout, seqlens, k=kn,
-                                                           v=vn, block_table=table,
-                                                           return_lse=True)
+        with triton_launch.kernel_config(fwd_splits=splits[-1]):
+            eager_out, eager_lse = ss.sparse_attention_kvcache(q, kc2, vc2, layout, seqlens,
+                                                               k=kn, v=vn, block_table=table,
+                                                               return_lse=True)
         assert torch.equal(kc2, kc) and torch.equal(out, eager_out) and torch.equal(lse, eager_lse)
         seqlens += 1
     kf, vf = flat(kc), flat(vc)

@@ -41,7 +41,7 @@ def model(spec):
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
     return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=512,
-                    max_sequence_length=2048, position_embedding_type="rope").cuda()
+                    max_sequence_length=2048, position_embedding_type="rope").cuda().bfloat16()
 
 def run(m, ids, pos):
     m.zero_grad(set_to_none=True)
