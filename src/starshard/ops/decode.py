@@ -69,10 +69,8 @@ def _check_cache_args(q, k_cache, v_cache, layout, cache_seqlens, k, v, block_ta
 def _check_lengths(cache_seqlens, lens, capacity, block_table, num_pages, page):
     """cache_seqlens >= 0, the lengths attended within the capacity and (paged) the pages they
     use within the cache: checked on the host for CPU tensors; on a GPU without a host sync (a
-    failure stops the device with the message), and not at all while a CUDA graph is being
-    captured (the kernel clamps the lengths to the capacity)."""
-    if lens.device.type == "cuda" and is_capturing(lens.device):
-        return
+    failure stops the device with the message). Not called while a CUDA graph is being captured
+    (the kernels clamp the lengths to the capacity)."""
     msg = f"cache_seqlens must be >= 0 and the cache lengths (with the appended keys) <= {capacity}"
     ok = (cache_seqlens >= 0) & (lens <= capacity)
     pages_ok = None
@@ -148,16 +146,23 @@ def _run_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, layout_i
     nq = q.shape[1]
     page = k_cache.shape[1] if block_table is not None else 0
     capacity = block_table.shape[-1] * page if page else k_cache.shape[1]
-    lens = cache_seqlens + nq if k is not None else cache_seqlens
-    _check_lengths(cache_seqlens, lens, capacity, block_table, k_cache.shape[0], page)
-    if k is not None:
-        _append(k_cache, v_cache, cache_seqlens, k, v, block_table, page)
+    if not (q.device.type == "cuda" and is_capturing(q.device)):
+        lens = cache_seqlens + nq if k is not None else cache_seqlens
+        _check_lengths(cache_seqlens, lens, capacity, block_table, k_cache.shape[0], page)
     if backend == "torch":
+        if k is not None:
+            _append(k_cache, v_cache, cache_seqlens, k, v, block_table, page)
+        lens = cache_seqlens + nq if k is not None else cache_seqlens
         return _blockwise_cache(q, k_cache, v_cache, layout, lens.cpu(), sm_scale, block_table,
                                 page)
     from . import triton_launch
+    if k is not None:   # one launch writes K and V and the lengths the step attends
+        from .triton_cache import append_kv
+        lens = append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table, page, capacity)
+    else:
+        lens = cache_seqlens.to(torch.int32)
     return triton_launch.forward(q, k_cache, v_cache, layout, True, sm_scale, 0, 0,
-                                 cache_lens=lens.to(torch.int32), block_table=block_table)
+                                 cache_lens=lens, block_table=block_table)
 
 
 @torch.library.custom_op("starshard::sparse_attn_kvcache", mutates_args=("k_cache", "v_cache"))
