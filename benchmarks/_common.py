@@ -67,7 +67,7 @@ def env_info():
         info["starshard"] = None
     try:
         info["commit"] = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True,
             timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["commit"] = None
