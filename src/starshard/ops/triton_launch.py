@@ -291,7 +291,9 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         n_m = -(-max_k // bm) - m_first
     elif cache:   # tiles counted from the first query's (see the kernel)
         m_first = nq // tq + 1
-        n_m = -(-nq // tq) + 1
+        # Nq consecutive positions touch at most ceil((Nq - 1) / tq) + 1 tiles (one for a
+        # single query): no idle tile counts against the split-K factor
+        n_m = -(-(nq - 1) // tq) + 1
         cu_k = cache_lens
     else:
         m_first = qs // tq
