@@ -90,6 +90,21 @@ def test_s2_cache_generates_what_the_transformers_cache_does(head_sharded):
     assert cache.get_seq_length() == 0
 
 
+def test_s2_cache_takes_several_tokens_a_step():
+    """With max_query_len=4 a step may bring up to 4 tokens (speculative or chunked decoding):
+    the logits of prompt + a 3-token step + a 1-token step equal one forward over all."""
+    fast, _ = _models(LAYOUTS)
+    ids = torch.randint(0, 97, (2, 204), generator=torch.Generator().manual_seed(4))
+    cache = hf.S2Cache(fast, batch=2, capacity=204, max_query_len=4)
+    with torch.no_grad():
+        full = fast(ids).logits
+        parts = [fast(ids[:, :200], past_key_values=cache).logits,
+                 fast(ids[:, 200:203], past_key_values=cache).logits,
+                 fast(ids[:, 203:], past_key_values=cache).logits]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=0)
+    assert cache.get_seq_length() == 204
+
+
 def test_s2_cache_bad_use():
     fast, _ = _models(LAYOUTS)
     with pytest.raises(ValueError, match="use_s2_attention"):
