@@ -1,11 +1,6 @@
 """S2DotProductAttention in a Megatron-core GPTModel on a GPU (bf16, rotary embeddings, the
 Triton kernels): dense layers against Megatron's own DotProductAttention, sparse layers against
 the float64 reference as core attention; logits and gradients."""
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 
 pytestmark = pytest.mark.gpu
@@ -13,26 +8,8 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed "
                     "(pip install starshard[megatron])")
 
 _SCRIPT = r"""
-import os, sys, torch
-import torch.distributed as dist
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-torch.cuda.set_device(0)
-dist.init_process_group("nccl", rank=0, world_size=1)
-from megatron.core import parallel_state
-parallel_state.initialize_model_parallel(1, 1)
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.transformer_config import TransformerConfig
-import starshard as ss
-from starshard.integrations import megatron as smeg
-from starshard.ops.reference import reference_attention
-
-class Reference(smeg.S2DotProductAttention):
-    def forward(self, query, key, value, attention_mask, **kw):
-        lay = self.layout or smeg.dense_layout(query.shape[2])
-        out, _ = reference_attention(*(t.transpose(0, 1) for t in (query, key, value)), lay)
-        return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1).to(query.dtype)
 
 cfg = TransformerConfig(num_layers=2, hidden_size=512, num_attention_heads=8, num_query_groups=2,
                         bf16=True, params_dtype=torch.bfloat16, attention_dropout=0.0,
@@ -76,11 +53,7 @@ print("OK")
 """
 
 
-def test_gpt_model_dense_and_sparse_layers_on_the_gpu():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    res = subprocess.run([sys.executable, "-c", _SCRIPT, str(port)], capture_output=True,
-                         text=True, timeout=600, env=dict(os.environ))
+def test_gpt_model_dense_and_sparse_layers_on_the_gpu(megatron_script):
+    res = megatron_script(_SCRIPT, backend="nccl", timeout=600)
     print(res.stdout)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]

@@ -1,9 +1,6 @@
 """S2 attention as a Megatron-core model's core attention, against the float64 dense-masked
 reference of each layout: the core-attention module alone (causal, no_mask, decoding, packed
 sequences, tensor-parallel shards) and a whole GPTModel on the CPU (logits and gradients)."""
-import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -173,24 +170,6 @@ def test_bad_use_gives_clear_errors():
 
 
 _GPT_SCRIPT = r"""
-import os, sys, torch
-import torch.distributed as dist
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-dist.init_process_group("gloo", rank=0, world_size=1)
-from megatron.core import parallel_state
-parallel_state.initialize_model_parallel(1, 1)
-from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.transformer.transformer_config import TransformerConfig
-import starshard as ss
-from starshard.integrations import megatron as smeg
-from starshard.ops.reference import reference_attention
-
-class Reference(smeg.S2DotProductAttention):
-    def forward(self, query, key, value, attention_mask, **kw):
-        lay = self.layout or smeg.dense_layout(query.shape[2])
-        out, _ = reference_attention(*(t.transpose(0, 1) for t in (query, key, value)), lay)
-        return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1).to(query.dtype)
-
 layouts = [ss.local_stride(4, 16, 1, 3, num_kv_heads=2), None]
 cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                         use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0)
@@ -220,15 +199,9 @@ print("OK", float((a - b).abs().max()))
 """
 
 
-def test_gpt_model_matches_the_reference_core_attention(tmp_path):
+def test_gpt_model_matches_the_reference_core_attention(megatron_script):
     """A 2-layer GPTModel (one S2 layer, one dense) with Megatron's own local layers on the CPU:
     logits and the first layer's QKV gradients equal those of the same model running the
     float64 reference as its core attention (a fresh process: Megatron's global state)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", _GPT_SCRIPT, str(port)], capture_output=True,
-                         text=True, timeout=300, env=env)
+    res = megatron_script(_GPT_SCRIPT)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
