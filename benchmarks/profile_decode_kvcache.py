@@ -58,4 +58,6 @@ if __name__ == "__main__":
     out = [run(n, 1, a) for n in (32768, 131072) for a in (False, True)]
     for r in out:
         print(r)
-    json.dump(out, open(os.path.join(os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"), "profile_decode_kvcache.json"), "w"), indent=1)
+    folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    with open(os.path.join(folder, "profile_decode_kvcache.json"), "w") as f:
+        json.dump(out, f, indent=1)

@@ -25,7 +25,6 @@ IMPLEMENTATION = "starshard_s2"
 _registered = False
 
 
-
 def s2_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                  **kwargs):
     """transformers attention interface: query ``[B, Hq, Nq, D]``, key/value ``[B, Hkv, Nk, D]``
@@ -177,10 +176,7 @@ class _S2CacheLayer(CacheLayerMixin):
         raise NotImplementedError("S2Cache keeps a fixed batch and does not crop: beam search, "
                                   "batch reordering and assisted decoding are not supported")
 
-    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
-
-    def offload(self):
-        self._unsupported()
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = offload = _unsupported
 
     def prefetch(self):
         pass

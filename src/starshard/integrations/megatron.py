@@ -14,8 +14,9 @@ from a GPT layer spec::
 ``layouts`` are written for the model's global query heads; under tensor parallelism each rank
 keeps its own heads' part (``BlockLayout.for_heads``). Supported: causal and unmasked
 (``no_mask``: bidirectional, except that a layer with a causal layout stays causal, as
-Megatron's KV-cache decoding asks for no mask after the prompt) attention, packed sequences (``thd``), Megatron's static-batch KV-cache inference
-(the queries are the newest positions of the keys). Refused with a clear error: padding and
+Megatron's KV-cache decoding asks for no mask after the prompt) attention, packed sequences
+(``thd``), Megatron's static-batch KV-cache inference (the queries are the newest positions of
+the keys). Refused with a clear error: padding and
 arbitrary masks, attention bias, context parallelism, sliding windows, non-vanilla softmax, and
 attention dropout while training (set ``attention_dropout=0``). With the causal mask type the
 ``attention_mask`` tensor is not read, as in Megatron's fused and Transformer-Engine kernels.
@@ -32,8 +33,6 @@ from ..ops.sparse_attn import sparse_attention, sparse_attention_varlen
 from . import dense_layout
 
 __all__ = ["S2DotProductAttention", "s2_layer_spec", "layout_for_layer"]
-
-
 
 
 def layout_for_layer(layouts, layer_number):

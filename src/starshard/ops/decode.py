@@ -146,13 +146,14 @@ def _run_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, layout_i
     nq = q.shape[1]
     page = k_cache.shape[1] if block_table is not None else 0
     capacity = block_table.shape[-1] * page if page else k_cache.shape[1]
-    if not (q.device.type == "cuda" and is_capturing(q.device)):
+    capturing = q.device.type == "cuda" and is_capturing(q.device)
+    if backend == "torch" or not capturing:   # (a capture takes the lengths from append_kv)
         lens = cache_seqlens + nq if k is not None else cache_seqlens
+    if not capturing:
         _check_lengths(cache_seqlens, lens, capacity, block_table, k_cache.shape[0], page)
     if backend == "torch":
         if k is not None:
             _append(k_cache, v_cache, cache_seqlens, k, v, block_table, page)
-        lens = cache_seqlens + nq if k is not None else cache_seqlens
         return _blockwise_cache(q, k_cache, v_cache, layout, lens.cpu(), sm_scale, block_table,
                                 page)
     from . import triton_launch
