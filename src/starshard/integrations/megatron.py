@@ -16,10 +16,10 @@ keeps its own heads' part (``BlockLayout.for_heads``). Supported: causal and unm
 (``no_mask``: bidirectional, except that a layer with a causal layout stays causal, as
 Megatron's KV-cache decoding asks for no mask after the prompt) attention, packed sequences
 (``thd``), Megatron's static-batch KV-cache inference (the queries are the newest positions of
-the keys). Refused with a clear error: padding and
-arbitrary masks, attention bias, context parallelism, sliding windows, non-vanilla softmax, and
-attention dropout while training (set ``attention_dropout=0``). With the causal mask type the
-``attention_mask`` tensor is not read, as in Megatron's fused and Transformer-Engine kernels.
+the keys). Refused with a clear error: padding and arbitrary masks, attention bias, context
+parallelism, sliding windows, non-vanilla softmax, and attention dropout while training (set
+``attention_dropout=0``). With the causal mask type the ``attention_mask`` tensor is not read,
+as in Megatron's fused and Transformer-Engine kernels.
 """
 from __future__ import annotations
 
