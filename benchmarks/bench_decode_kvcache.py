@@ -2,6 +2,7 @@
 
 PYTHONPATH=src python benchmarks/bench_decode_kvcache.py [--n 4k,32k,128k] [--batch 1,8] [--out F]
 python benchmarks/bench_decode_kvcache.py --device cpu --n 512 --batch 2 --steps 4 --heads 4 --kv-heads 2  # smoke
+TRITON_INTERPRET=1 python benchmarks/bench_decode_kvcache.py --host-only [--n 32k --repeat 7]  # host time, CPU
 
 A step is ``starshard.sparse_attention_kvcache``: one new query a sequence, its K/V appended to
 a ``[B, N, Hkv, D]`` bf16 cache at the sequence's length, attention over the cache, then the
@@ -15,6 +16,11 @@ into pages that already hold later blocks, which changes values, not work). Base
 ("slices graph", the whole loop in one graph of ``--steps`` differently shaped calls), and
 SDPA (flash) over all keys likewise ("sdpa graph"). The last step's output is checked against
 ``backend='torch'`` in fp32 (max abs err).
+
+``--host-only`` times the host side of an eager step on the CPU: the Triton backend with its
+kernels (append and attention) stubbed out, under ``TRITON_INTERPRET=1``, us a call (the fastest
+of ``--repeat`` loops of ``--steps`` steps), for each of ``--kinds``; ``--stub-checks`` also
+skips the length/page checks, to see what they cost.
 """
 import argparse
 import os
@@ -27,7 +33,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import _common  # noqa: E402
 import starshard as ss  # noqa: E402
-from bench_decode_step import LAYOUTS, _graph_loop, _sync  # noqa: E402
+from bench_decode_step import (LAYOUTS, NoLaunch, _graph_loop, _sync,  # noqa: E402
+                               require_interpreter)
 
 
 def _timed(fn, steps, device, reset, runs=5):
@@ -130,6 +137,42 @@ def run_case(name, n, batch, steps, h, hkv, d, device, dtype, kind="contiguous")
     return rows
 
 
+def host_only(a):
+    require_interpreter()
+    from starshard.ops import triton_cache, triton_launch as TL
+    TL.s2_fwd_kernel_varying = TL.s2_merge_splits_kernel = NoLaunch()
+    triton_cache._append_kv_kernel = NoLaunch()
+    if a.stub_checks:   # what the host-side length/page checks cost
+        from starshard.ops import decode
+        decode._check_lengths = lambda *args: None
+    device, rows = torch.device("cpu"), []
+    for name in a.layouts.split(","):
+        lay = ss.local_stride(a.heads, **LAYOUTS[name], num_kv_heads=a.kv_heads)
+        for n in _common.parse_sizes(a.n):
+            for b in (int(x) for x in a.batch.split(",")):
+                for kind in a.kinds.split(","):
+                    kc, vc = (torch.zeros(b, n, a.kv_heads, a.head_dim, dtype=torch.float16)
+                              for _ in range(2))
+                    kp, vp, table, tag, _ = _storage(kind, lay, kc, vc, None)
+                    q = torch.zeros(b, 1, a.heads, a.head_dim, dtype=torch.float16)
+                    kn, vn = (torch.zeros(b, 1, a.kv_heads, a.head_dim, dtype=torch.float16)
+                              for _ in range(2))
+                    seqlens = torch.full((b,), n - a.steps, dtype=torch.int32)
+
+                    def step():
+                        ss.sparse_attention_kvcache(q, kp, vp, lay, seqlens, k=kn, v=vn,
+                                                   block_table=table, backend="triton")
+
+                    step()
+                    ms = min(_timed(step, a.steps, device, lambda: seqlens.fill_(n - a.steps),
+                                    runs=1) for _ in range(a.repeat))
+                    rows.append(dict(layout=name, n=n, batch=b,
+                                     variant=f"{tag} host" + (" no checks" if a.stub_checks else ""),
+                                     us_per_call=ms * 1e3, repeat=a.repeat))
+                    print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", default="4k,32k,128k", help="cache slots = length at the last step")
@@ -143,7 +186,18 @@ def main():
                    help="cache storage: contiguous, paged<P> (pages of P slots), head-sharded")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
+    p.add_argument("--host-only", action="store_true",
+                   help="host time of an eager step, kernels stubbed (CPU, TRITON_INTERPRET=1)")
+    p.add_argument("--repeat", type=int, default=7, help="--host-only: loops, the fastest kept")
+    p.add_argument("--stub-checks", action="store_true",
+                   help="--host-only: skip the host-side length/page checks as well")
     a = p.parse_args()
+    if a.host_only:
+        res = dict(env=_common.env_info(), heads=a.heads, kv_heads=a.kv_heads,
+                   head_dim=a.head_dim, steps=a.steps, rows=host_only(a))
+        _common.write_json(a.out or os.path.join(_common.RESULTS, "bench_decode_kvcache_host.json"),
+                           res)
+        return
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []

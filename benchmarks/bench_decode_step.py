@@ -133,15 +133,20 @@ def run_case(name, n, steps, h, hkv, d, device, dtype):
     return rows
 
 
-def host_only(a):
+class NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing (host-time benches)."""
+    def __getitem__(self, grid):
+        return lambda *args, **kw: None
+
+
+def require_interpreter():
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--host-only needs TRITON_INTERPRET=1 (the Triton backend on CPU tensors)")
 
-    class _NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: None
 
-    TL.s2_fwd_kernel = TL.s2_fwd_kernel_varying = TL.s2_merge_splits_kernel = _NoLaunch()
+def host_only(a):
+    require_interpreter()
+    TL.s2_fwd_kernel = TL.s2_fwd_kernel_varying = TL.s2_merge_splits_kernel = NoLaunch()
     n, steps = _common.parse_sizes(a.n)[0], a.steps
     lay = ss.local_stride(a.heads, 64, 16, 16, num_kv_heads=a.kv_heads)
     k, v = (torch.randn(1, n + (a.repeat + 1) * steps, a.kv_heads, a.head_dim, dtype=torch.float16)
