@@ -137,40 +137,47 @@ def run_case(name, n, batch, steps, h, hkv, d, device, dtype, kind="contiguous")
     return rows
 
 
-def host_only(a):
-    require_interpreter()
-    from starshard.ops import triton_cache, triton_launch as TL
-    TL.s2_fwd_kernel_varying = TL.s2_merge_splits_kernel = NoLaunch()
-    triton_cache._append_kv_kernel = NoLaunch()
-    if a.stub_checks:   # what the host-side length/page checks cost
-        from starshard.ops import decode
-        decode._check_lengths = lambda *args: None
-    device, rows = torch.device("cpu"), []
+def _cases(a):
+    """(layout name, N, batch, kind) for every combination the options ask for."""
     for name in a.layouts.split(","):
-        lay = ss.local_stride(a.heads, **LAYOUTS[name], num_kv_heads=a.kv_heads)
         for n in _common.parse_sizes(a.n):
             for b in (int(x) for x in a.batch.split(",")):
                 for kind in a.kinds.split(","):
-                    kc, vc = (torch.zeros(b, n, a.kv_heads, a.head_dim, dtype=torch.float16)
-                              for _ in range(2))
-                    kp, vp, table, tag, _ = _storage(kind, lay, kc, vc, None)
-                    q = torch.zeros(b, 1, a.heads, a.head_dim, dtype=torch.float16)
-                    kn, vn = (torch.zeros(b, 1, a.kv_heads, a.head_dim, dtype=torch.float16)
-                              for _ in range(2))
-                    seqlens = torch.full((b,), n - a.steps, dtype=torch.int32)
+                    yield name, n, b, kind
 
-                    def step():
-                        ss.sparse_attention_kvcache(q, kp, vp, lay, seqlens, k=kn, v=vn,
-                                                   block_table=table, backend="triton")
 
-                    step()
-                    ms = min(_timed(step, a.steps, device, lambda: seqlens.fill_(n - a.steps),
-                                    runs=1) for _ in range(a.repeat))
-                    rows.append(dict(layout=name, n=n, batch=b,
-                                     variant=f"{tag} host" + (" no checks" if a.stub_checks else ""),
-                                     us_per_call=ms * 1e3, repeat=a.repeat))
-                    print(rows[-1], flush=True)
-    return rows
+def stub_launches(stub_checks):
+    """Replace the cache step's Triton launches (and with ``stub_checks`` its host-side
+    length/page checks) by no-ops, to time the host side alone."""
+    require_interpreter()
+    from starshard.ops import decode, triton_cache, triton_launch as TL
+    TL.s2_fwd_kernel_varying = TL.s2_merge_splits_kernel = NoLaunch()
+    triton_cache._append_kv_kernel = NoLaunch()
+    if stub_checks:
+        decode._check_lengths = lambda *args: None
+
+
+def host_case(name, n, b, kind, a):
+    """Host time of one eager cache step (launches stubbed): the fastest of --repeat loops."""
+    lay = ss.local_stride(a.heads, **LAYOUTS[name], num_kv_heads=a.kv_heads)
+    kc, vc = (torch.zeros(b, n, a.kv_heads, a.head_dim, dtype=torch.float16) for _ in range(2))
+    kp, vp, table, tag, _ = _storage(kind, lay, kc, vc, None)
+    q = torch.zeros(b, 1, a.heads, a.head_dim, dtype=torch.float16)
+    kn, vn = (torch.zeros(b, 1, a.kv_heads, a.head_dim, dtype=torch.float16) for _ in range(2))
+    seqlens = torch.full((b,), n - a.steps, dtype=torch.int32)
+
+    def step():
+        ss.sparse_attention_kvcache(q, kp, vp, lay, seqlens, k=kn, v=vn, block_table=table,
+                                   backend="triton")
+
+    step()
+    ms = min(_timed(step, a.steps, torch.device("cpu"), lambda: seqlens.fill_(n - a.steps),
+                    runs=1) for _ in range(a.repeat))
+    row = dict(layout=name, n=n, batch=b,
+               variant=f"{tag} host" + (" no checks" if a.stub_checks else ""),
+               us_per_call=ms * 1e3, repeat=a.repeat)
+    print(row, flush=True)
+    return row
 
 
 def main():
@@ -193,20 +200,18 @@ def main():
                    help="--host-only: skip the host-side length/page checks as well")
     a = p.parse_args()
     if a.host_only:
+        stub_launches(a.stub_checks)
         res = dict(env=_common.env_info(), heads=a.heads, kv_heads=a.kv_heads,
-                   head_dim=a.head_dim, steps=a.steps, rows=host_only(a))
+                   head_dim=a.head_dim, steps=a.steps, rows=[host_case(*c, a) for c in _cases(a)])
         _common.write_json(a.out or os.path.join(_common.RESULTS, "bench_decode_kvcache_host.json"),
                            res)
         return
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
-    for name in a.layouts.split(","):
-        for n in _common.parse_sizes(a.n):
-            for b in (int(x) for x in a.batch.split(",")):
-                for kind in a.kinds.split(","):
-                    rows += run_case(name, n, b, a.steps, a.heads, a.kv_heads, a.head_dim,
-                                     device, dtype, kind)
+    for name, n, b, kind in _cases(a):
+        rows += run_case(name, n, b, a.steps, a.heads, a.kv_heads, a.head_dim, device, dtype,
+                         kind)
     res = dict(env=_common.env_info(), heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
                dtype=str(dtype), steps=a.steps, rows=rows)
     _common.write_json(a.out or os.path.join(_common.RESULTS, "bench_decode_kvcache.json"), res)
