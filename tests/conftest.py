@@ -15,6 +15,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def cli(capsys):
+    """``cli(argv)`` runs ``starshard ARGV...`` in this process: (exit code, stdout, stderr)."""
+    from starshard.cli import main
+
+    def run(argv):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
+
+
 _MEGATRON_HEAD = r"""
 import os, sys, torch
 import torch.distributed as dist

@@ -2,7 +2,6 @@
 its S2 section, and its argument errors."""
 import pytest
 
-from starshard.cli import main
 from starshard.demo import format_s2, s2_cpu_speed
 from starshard.star.testing import save_tiny_model
 
@@ -10,15 +9,6 @@ from starshard.star.testing import save_tiny_model
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny-model-demo"), seed=0))
-
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_s2_section():
@@ -31,10 +21,9 @@ def test_s2_section():
     assert "N=300" in text and "speed-up" in text and "local_stride(heads=2, block=16" in text
 
 
-def test_demo_end_to_end(tiny_dir, tmp_path, capsys):
-    code, out, err = run(["demo", "--model", tiny_dir, "--lengths", "80,112", "--samples", "1",
-                          "--s2-n", "256", "--s2-repeat", "1", "--out", str(tmp_path), "--no-progress"],
-                         capsys)
+def test_demo_end_to_end(tiny_dir, tmp_path, cli):
+    code, out, err = cli(["demo", "--model", tiny_dir, "--lengths", "80,112", "--samples", "1",
+                          "--s2-n", "256", "--s2-repeat", "1", "--out", str(tmp_path), "--no-progress"])
     assert code == 0, err
     assert "| passkey | 112 | star | 1 |" in out and "| ring | 2 |" in out
     assert f"plots:  {tmp_path / 'accuracy.png'}, {tmp_path / 'time.png'}" in out
@@ -52,6 +41,6 @@ def test_demo_end_to_end(tiny_dir, tmp_path, capsys):
     (["--lengths", "4q"], "--lengths"),
     (["--s2-n", "-5"], "--s2-n: expected a positive int"),
 ])
-def test_demo_bad_arguments(extra, message, capsys):
-    code, _, err = run(["demo", *extra], capsys)
+def test_demo_bad_arguments(extra, message, cli):
+    code, _, err = cli(["demo", *extra])
     assert code == 2 and message in err, err

@@ -19,15 +19,6 @@ def tiny_dir(tmp_path_factory):
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny-model-eval"), seed=0))
 
 
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def eval_args(tiny_dir, out, *extra, samples=2, methods="dense,star,ring"):
     return ["eval", "--model", tiny_dir, "--methods", methods, "--tasks", TASKS, "--lengths", LENGTHS,
             "--samples", str(samples), "--out", str(out), "--no-progress", "--bootstrap", "200", *extra]
@@ -74,8 +65,7 @@ def test_variants_and_sizes():
 @pytest.fixture(scope="module")
 def first_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval-out")
-    capsys_free = main(eval_args(tiny_dir, out))
-    assert capsys_free == 0
+    assert main(eval_args(tiny_dir, out)) == 0
     return out
 
 
@@ -115,7 +105,7 @@ def test_files_exist_and_agree(first_run):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_resume_skips_finished_answers(first_run, tiny_dir, tmp_path, monkeypatch, capsys):
+def test_resume_skips_finished_answers(first_run, tiny_dir, tmp_path, monkeypatch, cli):
     out = tmp_path / "resume"
     out.mkdir()
     (out / "results.jsonl").write_text((first_run / "results.jsonl").read_text())
@@ -124,7 +114,7 @@ def test_resume_skips_finished_answers(first_run, tiny_dir, tmp_path, monkeypatc
     def boom(*a, **k):
         raise AssertionError("a finished answer was run again")
     monkeypatch.setattr(runner, "_run_one", boom)
-    code, stdout, _ = run(eval_args(tiny_dir, out), capsys)
+    code, stdout, _ = cli(eval_args(tiny_dir, out))
     assert code == 0 and (out / "results.jsonl").read_text() == before
     assert "(24 answers)" in stdout
     monkeypatch.undo()
@@ -135,26 +125,26 @@ def test_resume_skips_finished_answers(first_run, tiny_dir, tmp_path, monkeypatc
     calls = []
     real = runner._run_one
     monkeypatch.setattr(runner, "_run_one", lambda *a, **k: calls.append(1) or real(*a, **k))
-    code, _, _ = run(eval_args(tiny_dir, out), capsys)
+    code, _, _ = cli(eval_args(tiny_dir, out))
     assert code == 0 and len(calls) == 1
     recs = lines(out / "results.jsonl")
     assert len(recs) == 24 and recs[-1]["tokens"] == json.loads(text[-1])["tokens"]
 
     # one more sample: only its answers run
     calls.clear()
-    code, stdout, _ = run(eval_args(tiny_dir, out, samples=3), capsys)
+    code, stdout, _ = cli(eval_args(tiny_dir, out, samples=3))
     assert code == 0 and len(calls) == 2 * 2 * 3 and "(36 answers)" in stdout
     assert len(load_records(out / "results.jsonl")) == 36
 
 
-def test_report_covers_the_whole_folder(first_run, tiny_dir, tmp_path, monkeypatch, capsys):
+def test_report_covers_the_whole_folder(first_run, tiny_dir, tmp_path, monkeypatch, cli):
     """A later round of one method (its answers already there) still reports every method and
     every sample in the folder."""
     out = tmp_path / "rounds"
     out.mkdir()
     (out / "results.jsonl").write_text((first_run / "results.jsonl").read_text())
     monkeypatch.setattr(runner, "_run_one", lambda *a, **k: pytest.fail("nothing should run"))
-    code, stdout, _ = run(eval_args(tiny_dir, out, methods="ring", samples=1), capsys)
+    code, stdout, _ = cli(eval_args(tiny_dir, out, methods="ring", samples=1))
     assert code == 0 and "(4 answers)" in stdout          # the plan: 2 tasks x 2 lengths x 1
     md = (out / "report.md").read_text()
     assert "covers all 24 answers" in md and "4 of them in this run's plan" in md
@@ -163,11 +153,11 @@ def test_report_covers_the_whole_folder(first_run, tiny_dir, tmp_path, monkeypat
         assert re.search(rf"\| {m} \| 8 \| ", md), m     # overall rows
 
 
-def test_ablation_labels(tiny_dir, tmp_path, capsys):
-    code, stdout, err = run(["eval", "--model", tiny_dir, "--methods", "dense,star", "--tasks", "passkey",
+def test_ablation_labels(tiny_dir, tmp_path, cli):
+    code, stdout, err = cli(["eval", "--model", tiny_dir, "--methods", "dense,star", "--tasks", "passkey",
                              "--lengths", "96", "--samples", "1", "--blocks", "2,4", "--anchor",
                              "none,quarter,full", "--out", str(tmp_path), "--no-progress",
-                             "--bootstrap", "100"], capsys)
+                             "--bootstrap", "100"])
     assert code == 0, err
     recs = lines(tmp_path / "results.jsonl")
     got = {r["method"]: (r["blocks"], r["block_size"], r["anchor_size"]) for r in recs}
@@ -193,29 +183,29 @@ def test_ablation_labels(tiny_dir, tmp_path, capsys):
     (["--block-size", "16", "--anchor-size", "17"], "must not exceed --block-size"),
     (["--methods", "dense,ring", "--blocks", "2"], "need star in --methods"),
 ])
-def test_bad_arguments(tiny_dir, tmp_path, capsys, extra, message):
+def test_bad_arguments(tiny_dir, tmp_path, cli, extra, message):
     argv = ["eval", "--model", tiny_dir, "--out", str(tmp_path / "o"), "--no-progress", *extra]
-    code, _, err = run(argv, capsys)
+    code, _, err = cli(argv)
     assert code == 2 and message in err, err
     assert not (tmp_path / "o").exists()
 
 
-def test_missing_out_and_file_out(tiny_dir, tmp_path, capsys):
-    code, _, err = run(["eval", "--model", tiny_dir], capsys)
+def test_missing_out_and_file_out(tiny_dir, tmp_path, cli):
+    code, _, err = cli(["eval", "--model", tiny_dir])
     assert code == 2 and "--out is required" in err
     f = tmp_path / "file"
     f.write_text("x")
-    code, _, err = run(["eval", "--model", tiny_dir, "--out", str(f)], capsys)
+    code, _, err = cli(["eval", "--model", tiny_dir, "--out", str(f)])
     assert code == 2 and "is not a folder" in err
 
 
-def test_runtime_errors_are_one_line(tiny_dir, tmp_path, capsys):
-    code, _, err = run(["eval", "--model", tiny_dir, "--lengths", "20", "--out", str(tmp_path),
-                        "--no-progress"], capsys)
+def test_runtime_errors_are_one_line(tiny_dir, tmp_path, cli):
+    code, _, err = cli(["eval", "--model", tiny_dir, "--lengths", "20", "--out", str(tmp_path),
+                        "--no-progress"])
     assert code == 1 and "starshard eval: error: task passkey at length 20: too short" in err
     assert "Traceback" not in err
-    code, _, err = run(["eval", "--model", str(tmp_path / "missing"), "--out", str(tmp_path),
-                        "--no-progress"], capsys)
+    code, _, err = cli(["eval", "--model", str(tmp_path / "missing"), "--out", str(tmp_path),
+                        "--no-progress"])
     assert code == 1 and "does not exist" in err
 
 
