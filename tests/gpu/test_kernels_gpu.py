@@ -454,3 +454,63 @@ def test_kvcache_class_decodes_in_one_graph(head_sharded):
         ref, _ = reference_attention(qi, k_all[:, :m], v_all[:, :m], layout, dtype=torch.float32)
         same, _ = reference_attention(qi, k_all[:, :m], v_all[:, :m], layout, dtype=torch.bfloat16)
         _bound(outs[i], ref, same, 2e-3)
+
+
+_BAD_LENGTHS = r'''
+import sys, torch, starshard as ss
+mode, page = sys.argv[1], int(sys.argv[2])
+layout = ss.local_stride(8, 64, 4, 4, num_kv_heads=2)
+cap, b = 1024, 2
+table = None
+if page:
+    table = torch.arange(b * cap // page, device="cuda").view(b, -1).int()
+    kc = torch.zeros(b * cap // page, page, 2, 64, device="cuda", dtype=torch.bfloat16)
+else:
+    kc = torch.zeros(b, cap, 2, 64, device="cuda", dtype=torch.bfloat16)
+vc = kc.clone()
+q = torch.randn(b, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+kn, vn = (torch.randn(b, 1, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+lens = torch.tensor([5, cap - 2], dtype=torch.int32, device="cuda")
+step = lambda: ss.sparse_attention_kvcache(q, kc, vc, layout, lens, k=kn, v=vn, block_table=table)
+step()
+torch.cuda.synchronize()
+if mode == "graph":
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(4):          # lengths cap - 1, cap, then past the capacity
+        lens += 1
+        graph.replay()
+elif mode == "pages":
+    table[1, 3] = 10 ** 6       # a page in use outside the cache
+    step()
+else:
+    lens += 2                    # cap - 2 + 2 holds the capacity: one more key does not fit
+    step()
+torch.cuda.synchronize()
+print("NO ERROR")
+'''
+
+
+@pytest.mark.parametrize("mode,page", [("eager", 0), ("eager", 16), ("graph", 0), ("graph", 16),
+                                       ("pages", 16)])
+def test_kvcache_bad_lengths_stop_the_gpu_with_the_reason(mode, page, tmp_path):
+    """A step past the capacity (eager, or a captured step replayed as the lengths grow), or a
+    block table naming a page outside the cache, stops the device with starshard's message
+    (a device-side assertion in the append launch: no host sync, no extra launch)."""
+    import subprocess
+    import sys
+    script = tmp_path / "bad.py"
+    script.write_text(_BAD_LENGTHS)
+    res = subprocess.run([sys.executable, str(script), mode, str(page)], capture_output=True,
+                         text=True, timeout=300)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "NO ERROR" not in text, text[-2000:]
+    want = "block_table entries of the pages in use" if mode == "pages" else \
+        "cache_seqlens must be >= 0"
+    assert want in text, text[-3000:]

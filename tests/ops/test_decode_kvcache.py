@@ -217,6 +217,60 @@ def test_kvcache_bad_input():
     assert torch.equal(kc, kc.clone()) and not torch.isnan(kc).any()
 
 
+@pytest.fixture
+def interpreter_asserts(monkeypatch):
+    """Compile tl.device_assert into interpreted kernels, as debug=True does on a GPU."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("checks the interpreted kernel; on a GPU see tests/gpu")
+    import dataclasses
+    from triton.runtime import interpreter
+    opts = interpreter.interpreter_builder.options
+    monkeypatch.setattr(interpreter.interpreter_builder, "options",
+                        dataclasses.replace(opts, debug=True, sanitize_overflow=False))
+
+
+@pytest.mark.parametrize("page", [0, 16])
+def test_append_kernel_checks_lengths_and_pages(interpreter_asserts, page):
+    """On a GPU the lengths and pages are checked inside the append launch (device-side
+    assertions, no extra launches, in a captured graph too): the conditions, interpreted."""
+    from starshard.ops.triton_cache import append_kv
+    cap = 48
+    if page:
+        kc = torch.zeros(6, page, 2, 8)
+        table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    else:
+        kc, table = torch.zeros(2, cap, 2, 8), None
+    vc = kc.clone()
+    kn, vn = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+
+    def call(lens, tab=table, kv=True, check_pages=False):
+        return append_kv(kc, vc, torch.tensor(lens, dtype=torch.int32), *((kn, vn) if kv else
+                         (None, None)), tab, page, cap, check=True, check_pages=check_pages)
+
+    assert call([3, 47]).tolist() == [4, 48]
+    assert call([0, 48], kv=False).tolist() == [0, 48]
+    assert torch.equal(kc[5, 47 % page] if page else kc[1, 47], kn[1, 0])   # slot 47 of seq 1
+    for lens, kv in (([3, 48], True), ([-1, 4], True), ([-1, 4], False), ([3, 49], False)):
+        with pytest.raises(Exception, match="cache_seqlens must be >= 0"):
+            call(lens, kv=kv)
+    if page:
+        bad = torch.tensor([[0, 1, 2], [3, 9, 5]], dtype=torch.int32)   # page 9 of 6
+        assert call([3, 10], bad).tolist() == [4, 11]                    # page 9 unused
+        assert call([3, 10], bad, check_pages=True).tolist() == [4, 11]
+        with pytest.raises(Exception, match="pages in use must lie in"):
+            call([3, 16], bad)                                           # writes into page 9
+        with pytest.raises(Exception, match="pages in use must lie in"):
+            call([3, 17], bad, kv=False, check_pages=True)               # reads page 9
+        per_head = torch.tensor([[[0, 1, 2], [3, 4, 5]], [[0, 1, 2], [3, 4, -1]]],
+                                dtype=torch.int32)                       # [B, Hkv, P]
+        pool = torch.zeros(6, page, 1, 8)
+        assert append_kv(pool, pool.clone(), torch.tensor([3, 31], dtype=torch.int32), kn, vn,
+                         per_head, page, cap, check=True, check_pages=True).tolist() == [4, 32]
+        with pytest.raises(Exception, match="pages in use must lie in"):   # head 1's 3rd page
+            append_kv(pool, pool.clone(), torch.tensor([3, 33], dtype=torch.int32), None, None,
+                      per_head, page, cap, check=True, check_pages=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph_traces_the_cache_op(backend):
     """The op is a custom op that mutates the caches: a compiled step (append, attend, advance

@@ -68,9 +68,9 @@ def _check_cache_args(q, k_cache, v_cache, layout, cache_seqlens, k, v, block_ta
 
 def _check_lengths(cache_seqlens, lens, capacity, block_table, num_pages, page):
     """cache_seqlens >= 0, the lengths attended within the capacity and (paged) the pages they
-    use within the cache: checked on the host for CPU tensors; on a GPU without a host sync (a
-    failure stops the device with the message). Not called while a CUDA graph is being captured
-    (the kernels clamp the lengths to the capacity)."""
+    use within the cache: checked on the host for CPU tensors; on a GPU (the torch backend's
+    path; the Triton launch checks in its append kernel) without a host sync (a failure stops
+    the device with the message). Not called while a CUDA graph is being captured."""
     msg = f"cache_seqlens must be >= 0 and the cache lengths (with the appended keys) <= {capacity}"
     ok = (cache_seqlens >= 0) & (lens <= capacity)
     pages_ok = None
@@ -146,22 +146,23 @@ def _run_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, layout_i
     nq = q.shape[1]
     page = k_cache.shape[1] if block_table is not None else 0
     capacity = block_table.shape[-1] * page if page else k_cache.shape[1]
-    capturing = q.device.type == "cuda" and is_capturing(q.device)
-    if backend == "torch" or not capturing:   # (a capture takes the lengths from append_kv)
+    on_gpu = q.device.type == "cuda"
+    capturing = on_gpu and is_capturing(q.device)
+    if backend == "torch" or not on_gpu:   # on a GPU the Triton launch checks (append_kv)
         lens = cache_seqlens + nq if k is not None else cache_seqlens
-    if not capturing:
-        _check_lengths(cache_seqlens, lens, capacity, block_table, k_cache.shape[0], page)
+        if not capturing:
+            _check_lengths(cache_seqlens, lens, capacity, block_table, k_cache.shape[0], page)
     if backend == "torch":
         if k is not None:
             _append(k_cache, v_cache, cache_seqlens, k, v, block_table, page)
         return _blockwise_cache(q, k_cache, v_cache, layout, lens.cpu(), sm_scale, block_table,
                                 page)
     from . import triton_launch
-    if k is not None:   # one launch writes K and V and the lengths the step attends
-        from .triton_cache import append_kv
-        lens = append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table, page, capacity)
-    else:
-        lens = cache_seqlens.to(torch.int32)
+    from .triton_cache import append_kv
+    # one launch writes K and V (if given), checks the lengths and pages on a GPU and returns
+    # the lengths the step attends
+    lens = append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table, page, capacity,
+                     check=on_gpu, check_pages=on_gpu and not capturing)
     return triton_launch.forward(q, k_cache, v_cache, layout, True, sm_scale, 0, 0,
                                  cache_lens=lens, block_table=block_table)
 
@@ -198,8 +199,9 @@ def sparse_attention_kvcache(q, k_cache, v_cache, layout, cache_seqlens, *, k=No
     ``[B, Nq, Hq, D]`` (and lse ``[B, Hq, Nq]`` fp32). On CUDA no host sync: the call can be
     captured in a CUDA graph and replayed for every step as the lengths change (run it once
     eagerly first to build the layout table). Lengths outside 0..capacity, or pages outside the
-    cache, raise a ValueError on the CPU and stop a GPU with a device-side assertion (no check
-    inside a graph capture; the kernel never reads past the capacity). Inference only.
+    cache, raise a ValueError on the CPU and stop a GPU with a device-side assertion; inside a
+    CUDA graph too, where the Triton launch checks the lengths and the pages it writes (not
+    every page read; the kernels never read past the capacity). Inference only.
     """
     _check_cache_args(q, k_cache, v_cache, layout, cache_seqlens, k, v, block_table)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
