@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from .star.cli_generate import _nonneg_int as _nonneg, _positive_int as _positive
+
 __all__ = ["add_parsers", "run_eval_cmd", "finish_report"]
 
 
@@ -34,22 +36,6 @@ class _ListArg:
         if len(set(out)) != len(out):
             raise argparse.ArgumentTypeError(f"{text!r} names an item twice")
         return out
-
-
-def _int_at_least(low, what):
-    def parse(text):
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
-        return n
-    return parse
-
-
-_positive = _int_at_least(1, "a positive int")
-_nonneg = _int_at_least(0, "an int >= 0")
 
 
 def _length(text):
