@@ -124,6 +124,48 @@ def test_fill_then_decode(head_sharded):
         cache.fill(k_all[:1], v_all[:1])
 
 
+@pytest.mark.parametrize("n,heads_first", [(300, False), (304, False), (5, False), (300, True)])
+def test_fill_leaves_what_writing_block_by_block_leaves(n, heads_first):
+    """fill writes all blocks at once; each page must hold what writing the blocks in order
+    leaves there (page reuse, a partial last block: its rows past n are not compared; K/V
+    also as transformers hands them, a [B, Hkv, n, D] tensor transposed)."""
+    hq, hkv, d, bs = 4, 2, 8, 16
+    layout = ss.local_stride(hq, bs, 2, 3, head_offset=1)
+    cache = KVCache(layout, batch=2, capacity=320, num_heads=hq, num_kv_heads=hkv, head_dim=d,
+                    dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(2, n, hkv, d, generator=g) for _ in range(2))
+    if heads_first:
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    cache.fill(k, v)
+    spare = cache.k.shape[0] - 1
+    want_k, want_v = torch.zeros_like(cache.k), torch.zeros_like(cache.v)
+    rows = torch.full(cache.k.shape[:1], bs)       # rows of each page to compare
+    for j in range(-(-n // bs)):                   # block by block, in order
+        e = min(n, (j + 1) * bs) - j * bs
+        for b in range(2):
+            for h in range(hkv):
+                p = int(cache.block_table[b, h, j])
+                want_k[p, :e, 0] = k[b, j * bs:j * bs + e, h]
+                want_v[p, :e, 0] = v[b, j * bs:j * bs + e, h]
+                rows[p] = e
+    assert (cache.block_table[:, :, :-(-n // bs)] != spare).any()
+    for p in range(spare):
+        assert torch.equal(cache.k[p, :rows[p]], want_k[p, :rows[p]]), p
+        assert torch.equal(cache.v[p, :rows[p]], want_v[p, :rows[p]]), p
+
+
+def test_head_page_plan_is_kept_and_returned_as_copies():
+    layout = ss.local_stride(4, 16, 2, 3, head_offset=1)
+    pages, counts = head_page_plan(layout, 500, 4, 2)
+    pages.fill_(7)
+    again, counts2 = head_page_plan(layout, 500, 4, 2)
+    assert not torch.equal(again, pages) and torch.equal(counts2, counts)
+    _live_intervals_overlap(layout, 500, 4, 2, 1, again)
+    other, _ = head_page_plan(layout, 500, 4, 2, max_query_len=40)
+    assert not torch.equal(other, again)
+
+
 def test_cache_bad_input():
     layout = ss.local_stride(4, 16, 2, 3)
     kw = dict(batch=1, capacity=100, num_heads=4, num_kv_heads=2, head_dim=8)

@@ -47,7 +47,22 @@ def head_page_plan(layout, capacity, num_heads, num_kv_heads, max_query_len=1):
     Block j of KV head h is live from query block ``j - e`` (a call whose queries reach block
     j may write it while its earliest query is e blocks back, e = ceil((max_query_len - 1) /
     block size)) to ``last reader + e``; blocks whose lives do not overlap share a page (interval
-    colouring, optimal). Blocks no query reads get no page (-1)."""
+    colouring, optimal). Blocks no query reads get no page (-1). The plan depends only on the
+    arguments, so the last few are kept (a model's layers usually share one layout)."""
+    key = (layout.handle, capacity, num_heads, num_kv_heads, max_query_len)
+    plan = _PLANS.pop(key, None) or _plan(layout, capacity, num_heads, num_kv_heads,
+                                           max_query_len)
+    _PLANS[key] = plan   # most recently used last
+    while len(_PLANS) > _PLANS_KEPT:
+        del _PLANS[next(iter(_PLANS))]
+    return plan[0].clone(), plan[1].clone()
+
+
+_PLANS: dict = {}
+_PLANS_KEPT = 8
+
+
+def _plan(layout, capacity, num_heads, num_kv_heads, max_query_len):
     bs = layout.block_size
     nb = -(-capacity // bs)
     extra = -(-(max_query_len - 1) // bs)
@@ -141,14 +156,29 @@ class KVCache:
             self.k[:, :n] = k
             self.v[:, :n] = v
         else:
-            bs = self.layout.block_size
-            for j in range(-(-n // bs)):
-                pages = self.block_table[:, :, j].long()                    # [B, Hkv]
-                e = min(n, (j + 1) * bs) - j * bs
-                for src, dst in ((k, self.k), (v, self.v)):
-                    blk = src[:, j * bs:j * bs + e].transpose(1, 2)         # [B, Hkv, e, D]
-                    dst[pages, :e, 0] = blk.to(dst.dtype)
+            self._fill_pages(k, v, n)
         self.reset(n)
+
+    def _fill_pages(self, k, v, n):
+        """Write blocks 0 .. ceil(n / bs) - 1 into their pages at once: of the blocks that share
+        a page only the last is written, which is what writing them in order leaves there."""
+        bs, spare = self.layout.block_size, self.k.shape[0] - 1
+        nb, full = -(-n // bs), n // bs
+        tab = self.block_table[:, :, :nb].long()                             # [B, Hkv, nb]
+        j = torch.arange(nb, device=tab.device).expand_as(tab)
+        last = torch.full((self.k.shape[0],), -1, dtype=torch.long, device=tab.device)
+        last.scatter_reduce_(0, tab.flatten(), j.flatten(), "amax")
+        keep = (last[tab] == j) & (tab != spare)     # the spare page holds unread blocks
+        b, h, j = keep.nonzero(as_tuple=True)
+        pages = tab[b, h, j]
+        whole = j < full
+        for src, dst in ((k, self.k), (v, self.v)):
+            if full:
+                blocks = src[:, :full * bs].view(self.batch, full, bs, self.num_kv_heads, -1)
+                dst[pages[whole], :, 0] = blocks[b[whole], j[whole], :, h[whole]].to(dst.dtype)
+            if n > full * bs:   # the partial last block: its first n - full * bs rows
+                p = ~whole
+                dst[pages[p], :n - full * bs, 0] = src[b[p], full * bs:n, h[p]].to(dst.dtype)
 
     def attend(self, q, k, v, *, sm_scale=None, return_lse=False, backend=None):
         """Append k/v ``[B, Nq, Hkv, D]`` at each sequence's length, attend with q
