@@ -3,7 +3,8 @@
 ``use_s2_attention(model, layouts)`` registers the ``starshard_s2`` attention implementation and
 switches the model to it: each decoder layer whose layout is given attends through
 ``starshard.sparse_attention`` with that layout, the others densely (the same op with a dense
-layout), so a hybrid model mixes dense and sparse layers. Prefill, chunked prefill and decoding
+layout; a one-token decode step through torch's SDPA, which is exact there and cheaper to
+launch), so a hybrid model mixes dense and sparse layers. Prefill, chunked prefill and decoding
 with transformers' own KV cache work (the queries are the newest positions of the keys the
 layer sees); batches must be unpadded (a padding mask raises), and training with attention
 dropout is refused. ``S2Cache(model, batch=, capacity=)`` is a transformers cache that keeps
@@ -12,6 +13,7 @@ only the blocks it will read again), so long generations take a fraction of the 
 """
 from __future__ import annotations
 
+import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..kvcache import KVCache
@@ -41,10 +43,20 @@ def s2_attention(module, query, key, value, attention_mask=None, scaling=None, d
         module.starshard_pending = None
         return cache_layer.attend(q, k, v, scaling), None
     layout = getattr(module, "starshard_layout", None)
+    if layout is None and q.shape[1] == 1:
+        return _dense_step(q, k, v, scaling), None
     if layout is None:
         layout = dense_layout(q.shape[2])
     out = sparse_attention(q, k, v, layout, sm_scale=scaling)
     return out, None
+
+
+def _dense_step(q, k, v, scaling):
+    """A dense layer's one-query step, ``[B, 1, H, D]`` over every key: SDPA computes it
+    exactly for a fraction of the host time of a launch of the sparse kernel."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 def _no_padding_mask(*args, attention_mask=None, **kwargs):
@@ -154,6 +166,12 @@ class _S2CacheLayer(CacheLayerMixin):
         if self.length == 0:
             out = sparse_attention(q, k, v, self.kv.layout, sm_scale=scaling)
             self.kv.fill(k, v)
+        elif self.module.starshard_layout is None and q.shape[1] == 1:   # dense: slot n, SDPA
+            n = self.length
+            self.kv.k[:, n:n + 1] = k
+            self.kv.v[:, n:n + 1] = v
+            self.kv.seqlens += 1
+            out = _dense_step(q, self.kv.k[:, :n + 1], self.kv.v[:, :n + 1], scaling)
         else:
             out = self.kv.attend(q, k, v, sm_scale=scaling)
         self.length += q.shape[1]

@@ -124,13 +124,24 @@ def _fwd_pack(bm, varlen, hq, hkv, tab_group):
     return g
 
 
+_MAJOR = {}
+
+
+def _major(device):
+    """The device's compute capability major (kept: asking the driver costs a few us a call)."""
+    m = _MAJOR.get(device.index)
+    if m is None:
+        m = _MAJOR[device.index] = torch.cuda.get_device_capability(device)[0]
+    return m
+
+
 def _tma_descriptors(k, v, bn, bd, d, unit, varlen):
     """2-D TMA descriptors over K and V seen as [batch * tokens, heads * dim], or None where
     the forward cannot use them (not a GPU with TMA, varlen, several units per step, padded head
     dim, or strides TMA cannot express)."""
     if varlen or unit != bn or bd != d or not _fwd_variant("tma"):
         return None
-    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
+    if k.is_cuda and _major(k.device) < 9:
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
     descs = []
@@ -311,7 +322,9 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     order = None if bm == 16 or cache else \
         _program_order(tab, hq, 1, tab_group, m_first, n_m, "fwd")
     bd = _block_d(d)
-    descs = None if page else _tma_descriptors(k, v, bn, bd, d, tab.unit, varlen)
+    # decode tiles (16 rows) read no faster through TMA (H100: same graph time) and building
+    # the descriptors costs ~30 us of host time a call
+    descs = None if page or bm == 16 else _tma_descriptors(k, v, bn, bd, d, tab.unit, varlen)
     k_strides, v_strides = _strides4(k, varlen), _strides4(v, varlen)
     if page:   # pages are shared by the batch (no batch stride), and per head by no head
         hs = (0,) if head_pages else None
