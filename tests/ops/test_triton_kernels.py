@@ -201,6 +201,24 @@ def test_tma_descriptors_only_where_the_strides_allow():
         assert triton_launch._tma_descriptors(k, k, 32, 32, d, 32, False) is None
 
 
+def test_decode_launches_skip_tma_unless_forced(monkeypatch):
+    """A one-query call (16-row decode tiles) builds no TMA descriptors (no faster there, and
+    costly on the host) unless kernel_config(fwd_tma=True) asks; the result is the same."""
+    built = []
+    real = triton_launch._tma_descriptors
+    monkeypatch.setattr(triton_launch, "_tma_descriptors", lambda *a: built.append(1) or real(*a))
+    layout = ss.local_stride(4, 32, 2, 3, num_kv_heads=2)
+    q, k, v = _inputs(1, 1, 150, 4, 2, 32, torch.float32, False, seed=6)
+    ref, _ = reference_attention(q, k, v, layout)
+    out = ss.sparse_attention(q, k, v, layout, backend="triton")
+    assert built == []
+    with triton_launch.kernel_config(fwd_tma=True):
+        forced = ss.sparse_attention(q, k, v, layout, backend="triton")
+    assert built == [1]
+    for o in (out, forced):
+        torch.testing.assert_close(o.double(), ref, atol=2e-5, rtol=0)
+
+
 def test_empty_rows_give_zero_and_minus_inf():
     layout = ss.local_stride(2, 16, 0, 4)  # strided blocks only: many queries see nothing
     q, k, v = _inputs(1, 90, 90, 2, 2, 32, torch.float32, False, seed=3)

@@ -323,8 +323,9 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
         _program_order(tab, hq, 1, tab_group, m_first, n_m, "fwd")
     bd = _block_d(d)
     # decode tiles (16 rows) read no faster through TMA (H100: same graph time) and building
-    # the descriptors costs ~30 us of host time a call
-    descs = None if page or bm == 16 else _tma_descriptors(k, v, bn, bd, d, tab.unit, varlen)
+    # the descriptors costs ~30 us of host time a call: only kernel_config(fwd_tma=True) there
+    tma = not page and (bm != 16 or _OVERRIDE.get("fwd_tma") is True)
+    descs = _tma_descriptors(k, v, bn, bd, d, tab.unit, varlen) if tma else None
     k_strides, v_strides = _strides4(k, varlen), _strides4(v, varlen)
     if page:   # pages are shared by the batch (no batch stride), and per head by no head
         hs = (0,) if head_pages else None
