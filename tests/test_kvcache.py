@@ -52,6 +52,28 @@ def test_head_page_plan_never_overwrites_a_block_still_read(kind, max_query_len)
     assert torch.equal(counts, pages.max(1).values + 1)
 
 
+@pytest.mark.parametrize("kind", ["gqa", "hetero", "strided_only", "random", "shared"])
+def test_last_reader_is_the_last_row_of_the_group_mask(kind):
+    from starshard.kvcache import _last_reader
+    hq, hkv, bs, nb = 8, 2, 16, 37
+    layout = {
+        "gqa": lambda: ss.local_stride(hq, bs, 3, 4, num_kv_heads=hkv),
+        "hetero": lambda: ss.local_stride(hq, bs, 2, 3, head_offset=1),
+        "strided_only": lambda: ss.local_stride(hq, bs, 0, 3),
+        "random": lambda: ss.BlockLayout.from_mask(
+            torch.rand(hq, nb, nb, generator=torch.Generator().manual_seed(7)) < 0.2, bs),
+        "shared": lambda: ss.local_stride(hq, bs, 2, 5, homo_head=True),
+    }[kind]()
+    need = layout.mask(nb, nb, 0, num_heads=hq).tril().view(hkv, hq // hkv, nb, nb).any(1)
+    want = torch.full((hkv, nb), -1, dtype=torch.int64)
+    for h in range(hkv):
+        for j in range(nb):
+            rows = need[h, :, j].nonzero().flatten()
+            if len(rows):
+                want[h, j] = rows.max()
+    assert torch.equal(_last_reader(layout, hq, hkv, nb), want)
+
+
 def test_head_sharded_cache_keeps_local_plus_strided_blocks():
     """local 4, stride 4 over 125 blocks: a KV head keeps its ~31 strided blocks plus the
     window, far less than every block."""

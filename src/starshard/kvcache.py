@@ -25,19 +25,20 @@ _CHUNK = 1 << 24   # elements of one [heads, query blocks, key blocks] slice of 
 
 def _last_reader(layout, num_heads, num_kv_heads, nb):
     """int64 [Hkv, nb]: the last query block that reads key block j for KV head h (the union
-    over the query heads of its group; a causal layout reads a block from its own on)."""
+    over the query heads of its group; a causal layout reads a block from its own on).
+    Computed once per distinct pattern row, over the query blocks from each column chunk's
+    first block on."""
     group = num_heads // num_kv_heads
     patterns = layout.pattern_index(torch.arange(num_heads)).view(num_kv_heads, group)
+    rows_of, inv = torch.unique(patterns, return_inverse=True)      # inv [Hkv, group]
     last = torch.full((num_kv_heads, nb), -1, dtype=torch.int64)
-    qb = torch.arange(nb)
-    cols = max(1, _CHUNK // max(1, num_heads * nb))
+    cols = max(1, _CHUNK // max(1, len(rows_of) * nb))
     for j0 in range(0, nb, cols):
         kb = torch.arange(j0, min(nb, j0 + cols))
-        m = layout.allowed(patterns.reshape(-1), qb, kb)             # [Hq, nb, C]
-        m = m & (qb.view(1, -1, 1) >= kb.view(1, 1, -1))
-        m = m.view(num_kv_heads, group, nb, -1).any(1)               # [Hkv, nb, C]
-        rows = torch.where(m, qb.view(1, -1, 1), -1)
-        last[:, j0:j0 + len(kb)] = rows.max(1).values
+        qb = torch.arange(j0, nb)
+        m = layout.allowed(rows_of, qb, kb) & (qb.view(1, -1, 1) >= kb.view(1, 1, -1))
+        per_row = torch.where(m, qb.int().view(1, -1, 1), -1).amax(1)    # [rows, C]
+        last[:, j0:j0 + len(kb)] = per_row[inv].max(1).values             # [Hkv, C]
     return last
 
 
