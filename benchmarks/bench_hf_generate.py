@@ -95,7 +95,7 @@ def run_variant(name, model, ids, a, device):
     return row
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", default="32k,128k", help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="tokens generated (>= 2)")
@@ -113,7 +113,7 @@ def main():
     p.add_argument("--repeat", type=int, default=2, help="timed calls, the fastest kept")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.new < 2:
         p.error("--new must be >= 2")
     device = torch.device(a.device)
@@ -147,6 +147,7 @@ def main():
           _common.fmt(r.get("first_token_s"), ".3f"), _common.fmt(r.get("ms_per_new_token")),
           _common.fmt(gb(r.get("peak_bytes"))), _common.fmt(gb(r.get("cache_bytes")), ".3f")]
          for r in rows]))
+    return res
 
 if __name__ == "__main__":
     main()
