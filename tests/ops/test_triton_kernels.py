@@ -6,6 +6,7 @@ size, tile configuration (Merge-Q / gathered key units), causality, GQA, head di
 offsets, dtype, layout kind and input strides; each stays small (interpreter: ~4 ms a step).
 """
 import math
+import types
 
 import pytest
 import torch
@@ -481,8 +482,8 @@ def test_split_k_policy():
     SMs idle split, within 1..64, each split keeping at least 32 steps, or, captured in a CUDA
     graph, rows of any length, 2 steps a split; prefill and CPU launches never split."""
     gpu = torch.device("cuda", 0)
-    old = dict(triton_launch._SM_COUNT)
-    triton_launch._SM_COUNT[0] = 132
+    old = dict(triton_launch._PROPS)
+    triton_launch._PROPS[0] = types.SimpleNamespace(multi_processor_count=132, major=9)
     try:
         f = triton_launch._fwd_splits
         assert f(16, 32, 512, gpu) == 9            # 32 heads of one sequence, 32k keys: 2 waves
@@ -501,8 +502,8 @@ def test_split_k_policy():
         with triton_launch.kernel_config(fwd_splits=6):
             assert f(128, 10**4, 1, torch.device("cpu")) == 6
     finally:
-        triton_launch._SM_COUNT.clear()
-        triton_launch._SM_COUNT.update(old)
+        triton_launch._PROPS.clear()
+        triton_launch._PROPS.update(old)
 
 
 def test_program_order_is_a_permutation_heaviest_first():

@@ -124,15 +124,15 @@ def _fwd_pack(bm, varlen, hq, hkv, tab_group):
     return g
 
 
-_MAJOR = {}
+_PROPS = {}
 
 
-def _major(device):
-    """The device's compute capability major (kept: asking the driver costs a few us a call)."""
-    m = _MAJOR.get(device.index)
-    if m is None:
-        m = _MAJOR[device.index] = torch.cuda.get_device_capability(device)[0]
-    return m
+def _props(device):
+    """The GPU's properties, asked once per device (asking costs a few us a call)."""
+    p = _PROPS.get(device.index)
+    if p is None:
+        p = _PROPS[device.index] = torch.cuda.get_device_properties(device)
+    return p
 
 
 def _tma_descriptors(k, v, bn, bd, d, unit, varlen):
@@ -141,7 +141,7 @@ def _tma_descriptors(k, v, bn, bd, d, unit, varlen):
     dim, or strides TMA cannot express)."""
     if varlen or unit != bn or bd != d or not _fwd_variant("tma"):
         return None
-    if k.is_cuda and _major(k.device) < 9:
+    if k.is_cuda and _props(k.device).major < 9:
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
     descs = []
@@ -369,9 +369,6 @@ def forward(q, k, v, layout, causal, sm_scale, q_start, k_start, *, cu_q=None, c
     return out, lse
 
 
-_SM_COUNT = {}
-
-
 def _fwd_splits(bm, busy_tiles, key_steps, device, graph=False):
     """Split-K factor of a forward launch: decode-sized calls (16-row tiles) whose programs
     would leave SMs idle split each tile's entries over several programs (about two waves, at
@@ -384,9 +381,7 @@ def _fwd_splits(bm, busy_tiles, key_steps, device, graph=False):
         return max(1, int(forced))
     if bm != 16 or device.type != "cuda":
         return 1
-    sms = _SM_COUNT.get(device.index)
-    if sms is None:
-        sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _props(device).multi_processor_count
     if busy_tiles >= sms or (not graph and key_steps < 256):
         return 1
     return max(1, min(-(-2 * sms // busy_tiles), key_steps // (2 if graph else 32), 64))
