@@ -120,6 +120,22 @@ def measure(fn, *, warmup_ms=25, rep_ms=100):
     return rec
 
 
+def capture_graph(warmup, body, device=None):
+    """Run ``warmup`` on a side stream (kernels compiled, tables built outside the capture),
+    then capture ``body`` in a CUDA graph; returns (graph, what ``body`` returned)."""
+    import torch
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        warmup()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+    return graph, out
+
+
 def try_call(fn):
     """(result, None) or (None, error record) for a one-off call such as a correctness check."""
     try:

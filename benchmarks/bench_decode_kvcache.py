@@ -96,14 +96,7 @@ def run_case(name, n, batch, steps, h, hkv, d, device, dtype, kind="contiguous")
     rows = []
     out = None
     if device.type == "cuda":
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            step()   # warm-up: compiles, builds the one table
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        graph, out = _common.capture_graph(step, step, device)   # the warm-up builds the table
         ms = _timed(graph.replay, steps, device, reset)
         rows.append(dict(layout=name, n=n, batch=batch, variant=f"{tag} graph", ms_per_step=ms))
     holder = []

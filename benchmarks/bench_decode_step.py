@@ -61,14 +61,8 @@ def _loop(fn, n, steps, device):
 
 def _graph_loop(fn, n, steps, device, replays=5):
     """Capture the loop's calls in one CUDA graph, replay it; the median ms a step."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):   # compile and build every table outside the capture
-        _loop(fn, n, steps, device)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [fn(n + i + 1) for i in range(steps)]
+    graph, outs = _common.capture_graph(lambda: _loop(fn, n, steps, device),
+                                        lambda: [fn(n + i + 1) for i in range(steps)], device)
     times = []
     for _ in range(replays):
         _sync(device)

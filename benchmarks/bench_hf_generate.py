@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import _common  # noqa: E402
 import starshard as ss  # noqa: E402
+from bench_decode_step import _sync  # noqa: E402
 from starshard.integrations import hf  # noqa: E402
 
 
@@ -46,11 +47,6 @@ def layouts(a):
     lay = ss.local_stride(a.heads, a.layout_block, a.local_blocks, a.vert_stride,
                           num_kv_heads=a.kv_heads)
     return [None if a.dense_every and i % a.dense_every == 0 else lay for i in range(a.layers)]
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def generate(model, ids, new, cache_fn, device):

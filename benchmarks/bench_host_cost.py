@@ -56,15 +56,7 @@ def per_call(fn, n=400, reps=5):
 
 
 def graph_us(fn, calls=50):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
+    g, _ = _common.capture_graph(fn, lambda: [fn() for _ in range(calls)])
     g.replay()
     torch.cuda.synchronize()
     best = float("inf")

@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import starshard as ss  # noqa: E402
+import _common  # noqa: E402
 from _common import parse_sizes  # noqa: E402
 from bench_decode_step import LAYOUTS  # noqa: E402
 
@@ -37,14 +38,7 @@ def run(name, n, b, variant):
     else:
         kw = dict(k=kn, v=vn) if variant == "cache+append" else {}
         step = lambda: ss.sparse_attention_kvcache(q, kc, vc, lay, sl, **kw)  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g, _ = _common.capture_graph(step, step)
     for _ in range(20):
         g.replay()
     torch.cuda.synchronize()
